@@ -1,0 +1,1 @@
+"""npcbus aggregator service."""

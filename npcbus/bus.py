@@ -1,0 +1,669 @@
+"""The bus client: aio-pika with the house rules built in.
+
+- A robust connection; consumers are kept referenced so that they are restored after a drop.
+- Publisher confirms on a dedicated channel; many publishes may be in flight at once
+  (:meth:`Bus.publish_many` pipelines them). Every message carries the connection's user id,
+  which RabbitMQ validates: consumers can trust ``Delivery.user_id``.
+- Manual acks. A handler returns an explicit outcome: :class:`Ack`, :class:`Reject` (the message
+  is re-published to the dead-letter exchange with its reason in headers, then acked),
+  :class:`Retry` (requeued; quorum queues count it against the delivery limit) or :class:`Defer`
+  (the handler settles it later with :meth:`Bus.settle`). A message that fails to decode is
+  dead-lettered with the codec's reason; it never crashes the consumer and is never retried.
+- Payloads larger than ``chunk_bytes`` travel as numbered, hashed chunks that the consumer
+  reassembles and verifies before the handler sees the message (see :mod:`npcbus.chunks`).
+- Requests with streamed replies: :meth:`Bus.request_stream` publishes with a correlation id and
+  reply-to queue (one exclusive queue per process) and yields replies in sequence order until a
+  final event, failing with :class:`BusTimeout` at the deadline.
+- Using the bus before :meth:`Bus.connect` raises :class:`BusNotConnected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from npcbus import metrics
+from npcbus.chunks import Assembler, split
+from npcbus.codec import CodecError, decode, encode
+from npcbus.logs import get_logger
+from npcbus.messages import Chunk, Message, new_id
+from npcbus.settings import BusSettings
+from npcbus.topology import (
+    H_CHUNK_STREAM,
+    H_DEADLINE,
+    H_MESSAGE_TYPE,
+    H_ORIGINAL_EXCHANGE,
+    H_ORIGINAL_QUEUE,
+    H_ORIGINAL_ROUTING_KEY,
+    H_REJECT_CODE,
+    H_REJECT_REASON,
+    QueueSpec,
+    Topology,
+)
+
+log = get_logger("npcbus.bus")
+
+OFFLOAD_BYTES = 1 << 20  # encode/decode/hash larger payloads in a thread
+
+
+class BusError(RuntimeError):
+    """Base class of bus errors."""
+
+
+class BusNotConnected(BusError):
+    """The bus was used before connect() or after close()."""
+
+
+class BusTimeout(BusError, TimeoutError):
+    """A request's deadline passed before its reply stream ended."""
+
+
+class Overloaded(BusError):
+    """The broker refused a message: the target queue is full (reject-publish)."""
+
+
+class Unroutable(BusError):
+    """No queue is bound for the message's routing key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# handler outcomes
+# ----------------------------------------------------------------------------------------------
+
+
+class Outcome:
+    pass
+
+
+@dataclass
+class Ack(Outcome):
+    pass
+
+
+@dataclass
+class Reject(Outcome):
+    reason: str
+    code: str = "rejected"
+
+
+@dataclass
+class Retry(Outcome):
+    reason: str = ""
+
+
+@dataclass
+class Defer(Outcome):
+    """The handler keeps the delivery and settles it later with :meth:`Bus.settle`."""
+
+
+@dataclass
+class Delivery:
+    """What a handler knows about a delivery besides the decoded message."""
+
+    queue: str
+    exchange: str
+    routing_key: str
+    message_id: str | None
+    correlation_id: str | None
+    reply_to: str | None
+    user_id: str | None
+    headers: dict
+    redelivered: bool
+    delivery_count: int
+    body_size: int
+    raw: list[AbstractIncomingMessage] = field(default_factory=list, repr=False)
+    settled: bool = False
+
+    @property
+    def deadline(self) -> float | None:
+        v = self.headers.get(H_DEADLINE)
+        return float(v) if isinstance(v, (int, float)) else None
+
+
+Handler = Callable[[Message, Delivery], Awaitable[Outcome | None]]
+
+
+def _delivery_count(msg: AbstractIncomingMessage) -> int:
+    h = msg.headers or {}
+    v = h.get("x-delivery-count")
+    if isinstance(v, int):
+        return v
+    return 1 if msg.redelivered else 0
+
+
+def _make_delivery(queue: str, msgs: list[AbstractIncomingMessage], size: int) -> Delivery:
+    first = msgs[-1]
+    mid = first.message_id
+    if len(msgs) > 1 and mid and ":" in mid:
+        mid = mid.rsplit(":", 1)[0]
+    return Delivery(
+        queue=queue,
+        exchange=first.exchange or "",
+        routing_key=first.routing_key or "",
+        message_id=mid,
+        correlation_id=first.correlation_id,
+        reply_to=first.reply_to,
+        user_id=first.user_id,
+        headers=dict(first.headers or {}),
+        redelivered=any(m.redelivered for m in msgs),
+        delivery_count=max(_delivery_count(m) for m in msgs),
+        body_size=size,
+        raw=list(msgs),
+    )
+
+
+class Consumer:
+    """A running consumer; keeps the queue referenced so the robust channel restores it."""
+
+    def __init__(self, bus: Bus, spec: QueueSpec, queue: AbstractQueue, channel, handler: Handler,
+                 *, decode_messages: bool = True):
+        self.bus = bus
+        self.spec = spec
+        self.queue = queue
+        self.channel = channel
+        self.handler = handler
+        self.tag: str | None = None
+        self.assembler = Assembler(max_payload_bytes=bus.settings_max_payload, timeout_s=bus.chunk_timeout_s)
+        self._sweeper: asyncio.Task | None = None
+        self.inflight: set[asyncio.Task] = set()
+        self.chunk_lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def cancel(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        if self.tag is not None:
+            with contextlib.suppress(Exception):
+                await self.queue.cancel(self.tag)
+            self.tag = None
+        with contextlib.suppress(Exception):
+            await self.channel.close()
+
+
+class Bus:
+    """An npcbus client on one robust connection."""
+
+    def __init__(self, settings: BusSettings | None = None, *, name: str = "npcbus",
+                 client_id: str | None = None, max_payload_bytes: int = 1 << 30,
+                 chunk_timeout_s: float = 120.0, publish_timeout_s: float = 30.0):
+        self.settings = settings or BusSettings.from_env()
+        self.topology = Topology(self.settings.namespace)
+        self.name = name
+        self.client_id = client_id or new_id()[:12]
+        self.settings_max_payload = max_payload_bytes
+        self.chunk_timeout_s = chunk_timeout_s
+        self.publish_timeout_s = publish_timeout_s
+        self._conn: aio_pika.abc.AbstractRobustConnection | None = None
+        self._pub: aio_pika.abc.AbstractChannel | None = None
+        self._pub_lock = asyncio.Lock()
+        self._consumers: list[Consumer] = []
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._reply_queue: str | None = None
+        self._reply_consumer: Consumer | None = None
+        self._reply_lock = asyncio.Lock()
+        self._pending: dict[str, asyncio.Queue] = {}
+        self._reply_assembler = Assembler(max_payload_bytes=max_payload_bytes, timeout_s=chunk_timeout_s)
+        self.user = unquote(urlparse(self.settings.amqp_url).username or "guest")
+        self._closed = False
+        self.reconnects = 0
+        self._connected_evt = asyncio.Event()
+
+    # connection ------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed and self._connected_evt.is_set()
+
+    def _require(self) -> None:
+        if self._conn is None or self._closed:
+            raise BusNotConnected("the bus is not connected: call `await bus.connect()` first")
+
+    async def connect(self, timeout: float = 30.0) -> Bus:
+        if self._conn is not None:
+            return self
+        url = self.settings.amqp_url
+        self._conn = await aio_pika.connect_robust(
+            url, timeout=timeout, heartbeat=self.settings.heartbeat_s,
+            client_properties={"connection_name": f"{self.name}:{self.client_id}"},
+        )
+        self._conn.reconnect_callbacks.add(self._on_reconnect)
+        self._conn.close_callbacks.add(self._on_close)
+        self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+        self._connected_evt.set()
+        log.info("bus connected", client=self.name, client_id=self.client_id, namespace=self.settings.namespace)
+        return self
+
+    def _on_close(self, *_args) -> None:
+        if not self._closed:
+            self._connected_evt.clear()
+            log.warning("bus connection lost; reconnecting", client=self.name)
+
+    def _on_reconnect(self, *_args) -> None:
+        self.reconnects += 1
+        self._connected_evt.set()
+        # pieces held from the old channel can no longer be settled; the broker redelivers them
+        for c in self._consumers:
+            c.assembler.drop_tokens(lambda m: getattr(m, "channel", None) is None or m.channel.is_closed)
+        log.info("bus reconnected", client=self.name, reconnects=self.reconnects)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        self._require()
+        await asyncio.wait_for(self._connected_evt.wait(), timeout)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for c in list(self._consumers):
+            await c.cancel()
+        self._consumers.clear()
+        for q in self._pending.values():
+            q.put_nowait(None)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        self._conn = None
+        log.info("bus closed", client=self.name)
+
+    async def __aenter__(self) -> Bus:
+        return await self.connect()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # topology --------------------------------------------------------------------------------
+    async def declare_topology(self, *, queues: Iterable[QueueSpec] | None = None) -> None:
+        """Declare every exchange and the shared durable queues (idempotent)."""
+        self._require()
+        ch = await self._conn.channel()
+        try:
+            for ex in self.topology.exchanges():
+                await ch.declare_exchange(ex.name, ex.type, durable=ex.durable)
+            for q in self.topology.shared_queues() if queues is None else queues:
+                await self._declare_queue(ch, q)
+        finally:
+            await ch.close()
+
+    async def declare_queue(self, spec: QueueSpec) -> None:
+        self._require()
+        ch = await self._conn.channel()
+        try:
+            await self._declare_queue(ch, spec)
+        finally:
+            await ch.close()
+
+    async def _declare_queue(self, ch, spec: QueueSpec) -> AbstractQueue:
+        q = await ch.declare_queue(spec.name, durable=spec.durable, exclusive=spec.exclusive,
+                                   auto_delete=spec.auto_delete, arguments=spec.arguments)
+        for ex, rk in spec.bindings:
+            await q.bind(ex, routing_key=rk)
+        return q
+
+    # publishing ------------------------------------------------------------------------------
+    async def _encode(self, msg: Message) -> bytes:
+        tensors = any(hasattr(v, "nbytes") for v in vars(msg).values()) or any(
+            isinstance(v, dict) and any(hasattr(x, "nbytes") or (isinstance(x, bytes) and len(x) > OFFLOAD_BYTES)
+                                        for x in v.values())
+            for v in vars(msg).values())
+        if tensors:
+            return await asyncio.to_thread(encode, msg)
+        return encode(msg)
+
+    async def publish(self, exchange: str, routing_key: str, msg: Message, *, persistent: bool = True,
+                      deadline: float | None = None, headers: dict | None = None,
+                      correlation_id: str | None = None, reply_to: str | None = None,
+                      message_id: str | None = None, mandatory: bool = True,
+                      priority: int | None = None) -> None:
+        """Encode and publish one message (chunked when large), waiting for the broker's confirm.
+
+        ``deadline`` (unix time) becomes the message's expiration. Raises :class:`Overloaded` when
+        the target queue refuses it, :class:`Unroutable` when no queue is bound.
+        """
+        self._require()
+        body = await self._encode(msg)
+        await self.publish_bytes(exchange, routing_key, body, msg_type=msg.TYPE, persistent=persistent,
+                                 deadline=deadline, headers=headers, correlation_id=correlation_id,
+                                 reply_to=reply_to, message_id=message_id, mandatory=mandatory, priority=priority)
+
+    async def publish_bytes(self, exchange: str, routing_key: str, body: bytes, *, msg_type: str = "",
+                            persistent: bool = True, deadline: float | None = None,
+                            headers: dict | None = None, correlation_id: str | None = None,
+                            reply_to: str | None = None, message_id: str | None = None,
+                            mandatory: bool = True, priority: int | None = None) -> None:
+        self._require()
+        hdrs = dict(headers or {})
+        if msg_type:
+            hdrs[H_MESSAGE_TYPE] = msg_type
+        if deadline is not None:
+            hdrs[H_DEADLINE] = float(deadline)
+        expiration = None
+        if deadline is not None:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise BusTimeout("deadline already passed; not published")
+            expiration = max(1, int(remaining * 1000)) / 1000.0
+        common = dict(
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            correlation_id=correlation_id, reply_to=reply_to, user_id=self.user, expiration=expiration,
+            priority=priority,
+        )
+        if len(body) <= self.settings.chunk_bytes:
+            m = aio_pika.Message(body, headers=hdrs, message_id=message_id or new_id(), **common)
+            await self._publish_raw(exchange, routing_key, m, mandatory)
+        else:
+            chunks = await asyncio.to_thread(split, body, self.settings.chunk_bytes)
+            sid = chunks[0].stream_id
+            msgs = []
+            for ch in chunks:
+                h = dict(hdrs)
+                h[H_CHUNK_STREAM] = sid
+                cb = encode(ch)
+                msgs.append(aio_pika.Message(cb, headers=h, message_id=f"{message_id or sid}:{ch.index}", **common))
+            await asyncio.gather(*(self._publish_raw(exchange, routing_key, m, mandatory) for m in msgs))
+        metrics.PUBLISHED.labels(msg_type or "raw").inc()
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        ex = self._exchanges.get(name)
+        if ex is None:
+            if name == "":
+                ex = self._pub.default_exchange
+            else:
+                ex = await self._pub.get_exchange(name, ensure=False)
+            self._exchanges[name] = ex
+        return ex
+
+    async def _publish_raw(self, exchange: str, routing_key: str, m: aio_pika.Message, mandatory: bool) -> None:
+        deadline = time.monotonic() + self.publish_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                ex = await self._exchange(exchange)
+                await ex.publish(m, routing_key=routing_key, mandatory=mandatory, timeout=self.publish_timeout_s)
+                return
+            except aio_pika.exceptions.PublishError as e:
+                raise Unroutable(f"no queue bound for {exchange!r}/{routing_key!r}") from e
+            except aio_pika.exceptions.DeliveryError as e:
+                raise Overloaded(f"broker refused the message for {exchange!r}/{routing_key!r} (queue full)") from e
+            except (aiormq.exceptions.ChannelNotFoundEntity,) as e:
+                raise Unroutable(f"exchange {exchange!r} does not exist") from e
+            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
+                if self._closed or time.monotonic() > deadline:
+                    raise BusError(f"publish failed: {type(e).__name__}: {e}") from e
+                log.warning("publish failed; retrying after reconnect", error=f"{type(e).__name__}: {e}")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._connected_evt.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                if self._pub is None or self._pub.is_closed:
+                    with contextlib.suppress(Exception):
+                        await self._pub.reopen()
+                self._exchanges.pop(exchange, None)
+
+    async def publish_many(self, exchange: str, routing_key: str, msgs: Iterable[Message], **kw) -> None:
+        """Publish several messages with pipelined confirms (all in flight, then all awaited)."""
+        await asyncio.gather(*(self.publish(exchange, routing_key, m, **kw) for m in msgs))
+
+    # consuming -------------------------------------------------------------------------------
+    async def consume(self, spec: QueueSpec, handler: Handler, *, prefetch: int | None = None,
+                      no_ack: bool = False, declare: bool = True, exclusive: bool = False) -> Consumer:
+        """Consume ``spec`` (declared first unless ``declare`` is false) with ``handler``.
+
+        Each consumer has its own channel so prefetch is per consumer. A consumer that may receive
+        chunked payloads needs a prefetch above the number of pieces of its largest payload.
+        """
+        self._require()
+        ch = await self._conn.channel()
+        await ch.set_qos(prefetch_count=prefetch or self.settings.prefetch)
+        if declare:
+            q = await self._declare_queue(ch, spec)
+        else:
+            q = await ch.get_queue(spec.name, ensure=True)
+        c = Consumer(self, spec, q, ch, handler)
+
+        async def on_message(m: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            c.inflight.add(task)
+            try:
+                await self._dispatch(c, m, no_ack)
+            finally:
+                c.inflight.discard(task)
+
+        c.tag = await q.consume(on_message, no_ack=no_ack, exclusive=exclusive)
+        c._sweeper = asyncio.create_task(self._sweep(c))
+        self._consumers.append(c)
+        log.info("consuming", queue=spec.name, prefetch=prefetch or self.settings.prefetch)
+        return c
+
+    async def _sweep(self, c: Consumer) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, c.assembler.timeout_s / 4))
+            for res in c.assembler.expire():
+                log.warning("chunked payload incomplete; dead-lettering its pieces", queue=c.name,
+                            stream=res.stream_id, reason=res.reason)
+                await self._reject_raw(c.name, res.tokens, res.reason, "chunk_missing")
+
+    async def _dispatch(self, c: Consumer, m: AbstractIncomingMessage, no_ack: bool) -> None:
+        body = m.body
+        hdrs = m.headers or {}
+        if H_CHUNK_STREAM in hdrs:
+            try:
+                chunk = decode(body)
+                if not isinstance(chunk, Chunk):
+                    raise CodecError(f"expected a chunk, got {chunk.TYPE}")
+            except CodecError as e:
+                await self._reject_raw(c.name, [m], f"malformed chunk: {e}", "malformed")
+                return
+            async with c.chunk_lock:
+                res = await asyncio.to_thread(c.assembler.add, chunk, m)
+            if res.status == "partial":
+                return
+            if res.status == "duplicate":
+                if res.replaced is not None and not no_ack:
+                    with contextlib.suppress(Exception):
+                        await res.replaced.ack()
+                return
+            if res.status == "corrupt":
+                log.warning("corrupt chunked payload; dead-lettering", queue=c.name, stream=res.stream_id,
+                            reason=res.reason)
+                metrics.CONSUMED.labels("chunk", "corrupt").inc()
+                await self._reject_raw(c.name, res.tokens, res.reason, "chunk_corrupt")
+                return
+            payload = res.payload
+            raws = res.tokens
+        else:
+            payload = body
+            raws = [m]
+        delivery = _make_delivery(c.name, raws, len(payload))
+        try:
+            msg = await asyncio.to_thread(decode, payload) if len(payload) > OFFLOAD_BYTES else decode(payload)
+        except CodecError as e:
+            log.warning("malformed message; dead-lettering", queue=c.name, message_id=delivery.message_id,
+                        reason=str(e))
+            metrics.CONSUMED.labels("unknown", "malformed").inc()
+            if not no_ack:
+                await self.settle(delivery, Reject(f"malformed message: {e}", "malformed"))
+            return
+        started = time.perf_counter()
+        try:
+            outcome = await c.handler(msg, delivery)
+        except asyncio.CancelledError:
+            if not no_ack and not delivery.settled:
+                await self.settle(delivery, Retry("consumer cancelled"))
+            raise
+        except CodecError as e:
+            outcome = Reject(f"invalid message: {e}", "invalid")
+        except Exception as e:  # noqa: BLE001 - a handler bug must not kill the consumer
+            log.exception("handler failed", queue=c.name, message_id=delivery.message_id, type=msg.TYPE)
+            outcome = Retry(f"{type(e).__name__}: {e}") if c.spec.is_quorum else Reject(
+                f"handler error: {type(e).__name__}: {e}", "handler_error")
+        metrics.HANDLER_SECONDS.labels(c.name).observe(time.perf_counter() - started)
+        if outcome is None:
+            outcome = Ack()
+        metrics.CONSUMED.labels(msg.TYPE, type(outcome).__name__.lower()).inc()
+        if not no_ack and not isinstance(outcome, Defer):
+            await self.settle(delivery, outcome)
+
+    async def settle(self, delivery: Delivery, outcome: Outcome) -> bool:
+        """Apply an outcome to a delivery (all its pieces). Returns False when the delivery's
+        channel is gone (the broker redelivers the message)."""
+        if delivery.settled:
+            return True
+        delivery.settled = True
+        try:
+            if isinstance(outcome, Ack):
+                for r in delivery.raw:
+                    await r.ack()
+            elif isinstance(outcome, Retry):
+                for r in delivery.raw:
+                    await r.nack(requeue=True)
+            elif isinstance(outcome, Reject):
+                await self._reject_raw(delivery.queue, delivery.raw, outcome.reason, outcome.code)
+            return True
+        except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, RuntimeError) as e:
+            log.warning("could not settle a delivery; the broker will redeliver it", queue=delivery.queue,
+                        message_id=delivery.message_id, error=f"{type(e).__name__}: {e}")
+            return False
+
+    async def _reject_raw(self, queue: str, raws: list[AbstractIncomingMessage], reason: str, code: str) -> None:
+        """Dead-letter ``raws`` with the reason in headers (publish to the DLX, then ack)."""
+        metrics.DEAD_LETTERED.labels(queue, code).inc()
+        suffix = queue[len(self.settings.namespace) + 1:] if queue.startswith(self.settings.namespace + ".") else queue
+        try:
+            for r in raws:
+                h = dict(r.headers or {})
+                h.update({H_REJECT_REASON: reason[:1000], H_REJECT_CODE: code, H_ORIGINAL_QUEUE: queue,
+                          H_ORIGINAL_EXCHANGE: r.exchange or "", H_ORIGINAL_ROUTING_KEY: r.routing_key or ""})
+                m = aio_pika.Message(r.body, headers=h, message_id=r.message_id, correlation_id=r.correlation_id,
+                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.user)
+                await self._publish_raw(self.topology.dlx, suffix, m, mandatory=False)
+            for r in raws:
+                with contextlib.suppress(Exception):
+                    await r.ack()
+        except Exception as e:  # noqa: BLE001 - never lose it: let the broker redeliver instead
+            log.error("dead-lettering failed; requeueing", queue=queue, error=f"{type(e).__name__}: {e}")
+            for r in raws:
+                with contextlib.suppress(Exception):
+                    await r.nack(requeue=True)
+
+    # replies and request/stream --------------------------------------------------------------
+    async def reply_queue(self) -> str:
+        """This process's exclusive reply queue (declared and consumed on first use)."""
+        self._require()
+        async with self._reply_lock:
+            if self._reply_queue is None:
+                spec = self.topology.reply_queue(self.client_id)
+                self._reply_consumer = await self.consume(spec, self._on_reply, prefetch=1000, no_ack=True,
+                                                          exclusive=True)
+                self._reply_queue = spec.name
+        return self._reply_queue
+
+    async def _on_reply(self, msg: Message, d: Delivery) -> Outcome:
+        cid = d.correlation_id
+        q = self._pending.get(cid or "")
+        if q is not None:
+            q.put_nowait(msg)
+        return Ack()
+
+    async def reply(self, delivery: Delivery, msg: Message, *, mandatory: bool = True) -> None:
+        """Send ``msg`` to the requester of ``delivery`` (its reply-to queue, same correlation id).
+
+        Raises :class:`Unroutable` when the requester's queue is gone."""
+        if not delivery.reply_to:
+            raise Unroutable("the request has no reply-to queue")
+        await self.publish("", delivery.reply_to, msg, persistent=False, correlation_id=delivery.correlation_id,
+                           mandatory=mandatory)
+
+    async def request_stream(self, exchange: str, routing_key: str, msg: Message, *,
+                             deadline: float | None = None, timeout: float | None = 30.0,
+                             is_final: Callable[[Message], bool] | None = None,
+                             correlation_id: str | None = None, persistent: bool = False,
+                             ) -> AsyncIterator[Message]:
+        """Publish a request and yield its replies in sequence order until a final one.
+
+        Replies carrying a ``seq`` field are re-ordered by it; ``is_final`` (default: any reply
+        without a ``seq`` field, or of type final_response/generation_error) ends the stream.
+        """
+        if deadline is None and timeout is not None:
+            deadline = time.time() + timeout
+        reply_to = await self.reply_queue()
+        cid = correlation_id or new_id()
+        q: asyncio.Queue = asyncio.Queue()
+        self._pending[cid] = q
+        final = is_final or _default_final
+        try:
+            await self.publish(exchange, routing_key, msg, persistent=persistent, deadline=deadline,
+                               correlation_id=cid, reply_to=reply_to)
+            expected = 0
+            held: dict[int, Message] = {}
+            while True:
+                remaining = None if deadline is None else deadline - time.time()
+                if remaining is not None and remaining <= 0:
+                    raise BusTimeout(f"no complete reply before the deadline (correlation id {cid})")
+                try:
+                    item = await asyncio.wait_for(q.get(), remaining)
+                except asyncio.TimeoutError:
+                    raise BusTimeout(f"no complete reply before the deadline (correlation id {cid})") from None
+                if item is None:
+                    raise BusNotConnected("the bus was closed")
+                seq = getattr(item, "seq", None)
+                if seq is None:
+                    yield item
+                    if final(item):
+                        return
+                    continue
+                if seq < expected:
+                    continue  # duplicate
+                held[seq] = item
+                while expected in held:
+                    nxt = held.pop(expected)
+                    expected += 1
+                    yield nxt
+                    if final(nxt):
+                        return
+        finally:
+            self._pending.pop(cid, None)
+
+    async def request(self, exchange: str, routing_key: str, msg: Message, **kw) -> Message:
+        """Publish a request and return its single reply."""
+        async for reply in self.request_stream(exchange, routing_key, msg, is_final=lambda _m: True, **kw):
+            return reply
+        raise BusError("no reply")
+
+
+def _default_final(m: Message) -> bool:
+    return m.TYPE in ("final_response", "generation_error") or not hasattr(m, "seq")
+
+
+async def run_forever(*closers: Callable[[], Awaitable[Any]]) -> None:
+    """Wait for SIGINT/SIGTERM, then run ``closers`` in order."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for c in closers:
+        with contextlib.suppress(Exception):
+            await c()
+
+
+def install_uvloop() -> None:
+    """Use uvloop's event loop where it is installed."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

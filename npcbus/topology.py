@@ -1,0 +1,211 @@
+"""Broker topology: every exchange and queue name and its arguments, in one place.
+
+Every name is ``<namespace>.<name>`` so that deployments and test runs can share one broker.
+Declaring is idempotent: each service declares what it uses with exactly these arguments.
+
+==========================  ========  ==========================================================
+exchange                    type      purpose
+==========================  ========  ==========================================================
+``NS.train``                direct    ``task`` -> ``NS.train.tasks``; ``delta`` -> ``NS.train.deltas``;
+                                      ``accepted`` -> ``NS.train.leases``
+``NS.versions``             fanout    version announcements; each listener binds its own queue
+``NS.fetch``                direct    ``adapter`` -> ``NS.fetch.adapter`` (adapter weight fetches)
+``NS.gen``                  direct    ``<model id>`` -> ``NS.gen.<model id>`` (generation requests)
+``NS.cancel``               fanout    cancel messages; every inference consumer listens
+``NS.events``               fanout    consumer heartbeats (the gateway's health uses them)
+``NS.experience``           direct    ``experience`` -> ``NS.experience`` (finished turns, feedback)
+``NS.dlx``                  topic     dead letters of every queue -> ``NS.dead``
+==========================  ========  ==========================================================
+
+Work that must not be lost (tasks, deltas, leases, experience) sits in durable quorum queues with
+a delivery limit and the dead-letter exchange. Generation requests sit in classic queues with a
+maximum length and ``reject-publish`` overflow, so that a full queue answers the publisher at once
+(a negative confirm) and the gateway can say "overloaded". Replies go through the default exchange
+to one exclusive queue per requesting process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DELIVERY_LIMIT = 5
+GEN_QUEUE_MAX_LENGTH = 1000
+
+RK_TASK = "task"
+RK_DELTA = "delta"
+RK_ACCEPTED = "accepted"
+RK_FETCH = "adapter"
+RK_EXPERIENCE = "experience"
+
+# headers set by npcbus
+H_REJECT_REASON = "x-npcbus-reject-reason"
+H_REJECT_CODE = "x-npcbus-reject-code"
+H_ORIGINAL_QUEUE = "x-npcbus-original-queue"
+H_ORIGINAL_EXCHANGE = "x-npcbus-original-exchange"
+H_ORIGINAL_ROUTING_KEY = "x-npcbus-original-routing-key"
+H_MESSAGE_TYPE = "x-npcbus-type"
+H_CHUNK_STREAM = "x-npcbus-chunk-stream"
+H_DEADLINE = "x-npcbus-deadline"
+
+
+def model_route_key(model: str) -> str:
+    """A routing-key-safe id for a base model name or path.
+
+    Readable when the name is simple; a short hash keeps different paths apart.
+    """
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", model.strip("/").split("/")[-1])[:40].strip("-") or "model"
+    if base == model:
+        return base
+    digest = hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"{base}-{digest}"
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: str
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: dict[str, Any] = field(default_factory=dict)
+    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
+
+    @property
+    def is_quorum(self) -> bool:
+        return self.arguments.get("x-queue-type") == "quorum"
+
+
+class Topology:
+    """Names and arguments of every exchange and queue under one namespace."""
+
+    def __init__(self, namespace: str, *, delivery_limit: int = DELIVERY_LIMIT,
+                 gen_max_length: int = GEN_QUEUE_MAX_LENGTH):
+        self.ns = namespace
+        self.delivery_limit = delivery_limit
+        self.gen_max_length = gen_max_length
+
+    def name(self, suffix: str) -> str:
+        return f"{self.ns}.{suffix}"
+
+    # exchanges -------------------------------------------------------------------------------
+    @property
+    def train_exchange(self) -> str:
+        return self.name("train")
+
+    @property
+    def versions_exchange(self) -> str:
+        return self.name("versions")
+
+    @property
+    def fetch_exchange(self) -> str:
+        return self.name("fetch")
+
+    @property
+    def gen_exchange(self) -> str:
+        return self.name("gen")
+
+    @property
+    def cancel_exchange(self) -> str:
+        return self.name("cancel")
+
+    @property
+    def events_exchange(self) -> str:
+        return self.name("events")
+
+    @property
+    def experience_exchange(self) -> str:
+        return self.name("experience")
+
+    @property
+    def dlx(self) -> str:
+        return self.name("dlx")
+
+    def exchanges(self) -> list[ExchangeSpec]:
+        return [
+            ExchangeSpec(self.train_exchange, "direct"),
+            ExchangeSpec(self.versions_exchange, "fanout"),
+            ExchangeSpec(self.fetch_exchange, "direct"),
+            ExchangeSpec(self.gen_exchange, "direct"),
+            ExchangeSpec(self.cancel_exchange, "fanout"),
+            ExchangeSpec(self.events_exchange, "fanout"),
+            ExchangeSpec(self.experience_exchange, "direct"),
+            ExchangeSpec(self.dlx, "topic"),
+        ]
+
+    # queues ----------------------------------------------------------------------------------
+    def _quorum(self, suffix: str, bindings: tuple[tuple[str, str], ...]) -> QueueSpec:
+        return QueueSpec(
+            self.name(suffix),
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": self.delivery_limit,
+                "x-dead-letter-exchange": self.dlx,
+                "x-dead-letter-routing-key": suffix,
+            },
+            bindings=bindings,
+        )
+
+    @property
+    def tasks_queue(self) -> QueueSpec:
+        return self._quorum("train.tasks", ((self.train_exchange, RK_TASK),))
+
+    @property
+    def deltas_queue(self) -> QueueSpec:
+        return self._quorum("train.deltas", ((self.train_exchange, RK_DELTA),))
+
+    @property
+    def leases_queue(self) -> QueueSpec:
+        return self._quorum("train.leases", ((self.train_exchange, RK_ACCEPTED),))
+
+    @property
+    def experience_queue(self) -> QueueSpec:
+        return self._quorum("experience", ((self.experience_exchange, RK_EXPERIENCE),))
+
+    @property
+    def fetch_queue(self) -> QueueSpec:
+        return QueueSpec(
+            self.name("fetch.adapter"),
+            arguments={"x-queue-type": "classic", "x-dead-letter-exchange": self.dlx,
+                       "x-dead-letter-routing-key": "fetch.adapter"},
+            bindings=((self.fetch_exchange, RK_FETCH),),
+        )
+
+    @property
+    def dead_queue(self) -> QueueSpec:
+        return QueueSpec(self.name("dead"), arguments={"x-queue-type": "quorum"}, bindings=((self.dlx, "#"),))
+
+    def gen_queue(self, model_id: str) -> QueueSpec:
+        return QueueSpec(
+            self.name(f"gen.{model_id}"),
+            arguments={
+                "x-queue-type": "classic",
+                "x-max-length": self.gen_max_length,
+                "x-overflow": "reject-publish",
+                "x-dead-letter-exchange": self.dlx,
+                "x-dead-letter-routing-key": f"gen.{model_id}",
+            },
+            bindings=((self.gen_exchange, model_id),),
+        )
+
+    def reply_queue(self, client_id: str) -> QueueSpec:
+        return QueueSpec(self.name(f"reply.{client_id}"), durable=False, exclusive=True, auto_delete=True,
+                         arguments={"x-queue-type": "classic"})
+
+    def listener_queue(self, kind: str, client_id: str, exchange: str) -> QueueSpec:
+        """An exclusive per-process queue bound to a fanout exchange (versions, cancel, events)."""
+        return QueueSpec(self.name(f"{kind}.{client_id}"), durable=False, exclusive=True, auto_delete=True,
+                         arguments={"x-queue-type": "classic"}, bindings=((exchange, ""),))
+
+    def shared_queues(self) -> list[QueueSpec]:
+        """Durable queues that exist independently of any process."""
+        return [self.tasks_queue, self.deltas_queue, self.leases_queue, self.experience_queue,
+                self.fetch_queue, self.dead_queue]

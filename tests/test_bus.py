@@ -1,0 +1,371 @@
+"""The bus against the real local RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import aio_pika
+import numpy as np
+import pytest
+
+from npcbus.bus import (
+    Ack,
+    Bus,
+    BusNotConnected,
+    BusTimeout,
+    Defer,
+    Overloaded,
+    Reject,
+    Retry,
+)
+from npcbus.chunks import Assembler, split
+from npcbus.codec import decode, encode
+from npcbus.messages import Cancel, Chunk, Delta, FinalResponse, GenerationRequest, TokenDelta
+from npcbus.settings import BusSettings
+from npcbus.topology import H_CHUNK_STREAM, H_REJECT_CODE, H_REJECT_REASON, Topology
+
+from .conftest import AMQP_URL, ROOT, delete_namespace
+from .tcp_proxy import TCPProxy
+
+pytestmark = pytest.mark.broker
+
+
+async def collect_dead(bus: Bus, n: int, timeout: float = 15.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Read n messages from the namespace's dead-letter queue."""
+    conn = await aio_pika.connect(bus.settings.amqp_url)
+    out = []
+    try:
+        ch = await conn.channel()
+        q = await ch.get_queue(bus.topology.dead_queue.name)
+        end = time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < end:
+            m = await q.get(no_ack=True, fail=False)
+            if m is None:
+                await asyncio.sleep(0.1)
+                continue
+            out.append(m)
+    finally:
+        await conn.close()
+    return out
+
+
+async def test_use_before_connect_is_refused(bus_settings):
+    b = Bus(bus_settings)
+    with pytest.raises(BusNotConnected):
+        await b.publish("x", "y", Cancel("r"))
+    with pytest.raises(BusNotConnected):
+        await b.declare_topology()
+
+
+async def test_topology_declares_idempotently(bus, bus_settings):
+    await bus.declare_topology()  # second time on the same connection
+    other = Bus(bus_settings, name="other")
+    await other.connect()
+    try:
+        await other.declare_topology()
+        await other.declare_queue(other.topology.gen_queue("m1"))
+        await other.declare_queue(other.topology.gen_queue("m1"))
+    finally:
+        await other.close()
+
+
+async def test_publish_confirm_consume_ack(bus):
+    topo = bus.topology
+    got: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(msg, d):
+        got.append(msg.request_id)
+        if len(got) == 20:
+            done.set()
+        return Ack()
+
+    await bus.consume(topo.tasks_queue, handler, prefetch=5)
+    await bus.publish_many(topo.train_exchange, "task", [Cancel(f"r{i}") for i in range(20)])
+    await asyncio.wait_for(done.wait(), 10)
+    assert sorted(got) == sorted(f"r{i}" for i in range(20))
+    # acked: nothing left in the queue
+    await asyncio.sleep(0.3)
+    ch = await bus._conn.channel()
+    q = await ch.declare_queue(topo.tasks_queue.name, passive=True)
+    assert q.declaration_result.message_count == 0
+    await ch.close()
+
+
+async def test_rejected_message_lands_in_dead_letter_queue_with_reason(bus):
+    topo = bus.topology
+
+    async def handler(msg, d):
+        return Reject("adapter 'nope' is unknown", "unknown_adapter")
+
+    await bus.consume(topo.deltas_queue, handler)
+    await bus.publish(topo.train_exchange, "delta", Cancel("bad-one"))
+    dead = await collect_dead(bus, 1)
+    assert len(dead) == 1
+    assert dead[0].headers[H_REJECT_CODE] == "unknown_adapter"
+    assert "unknown" in dead[0].headers[H_REJECT_REASON]
+    assert decode(dead[0].body) == Cancel("bad-one")
+
+
+async def test_malformed_message_dead_lettered_and_consumer_keeps_serving(bus):
+    topo = bus.topology
+    seen = []
+    ok = asyncio.Event()
+
+    async def handler(msg, d):
+        seen.append(msg)
+        ok.set()
+
+    await bus.consume(topo.tasks_queue, handler)
+    await bus.publish_bytes(topo.train_exchange, "task", b"\x00garbage that is not a message")
+    await bus.publish(topo.train_exchange, "task", Cancel("after"))
+    await asyncio.wait_for(ok.wait(), 10)
+    dead = await collect_dead(bus, 1)
+    assert dead and dead[0].headers[H_REJECT_CODE] == "malformed"
+    assert "bad magic" in dead[0].headers[H_REJECT_REASON]
+    assert seen == [Cancel("after")]
+
+
+async def test_retry_requeues_until_the_delivery_limit_then_dead_letters(bus):
+    topo = bus.topology
+    attempts = []
+
+    async def handler(msg, d):
+        attempts.append(d.delivery_count)
+        return Retry("transient")
+
+    await bus.consume(topo.tasks_queue, handler)
+    await bus.publish(topo.train_exchange, "task", Cancel("poison"))
+    dead = await collect_dead(bus, 1, timeout=20)
+    assert len(dead) == 1
+    assert len(attempts) >= topo.delivery_limit  # tried, then the broker gave up
+    assert len(attempts) <= topo.delivery_limit + 1
+
+
+CONSUMER_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    from npcbus.bus import Bus, Defer
+    from npcbus.settings import BusSettings
+
+    async def main():
+        bus = Bus(BusSettings.from_env(), name="dying")
+        await bus.connect()
+        async def handler(msg, d):
+            print("GOT", msg.request_id, flush=True)
+            return Defer()   # never acked: we are about to die
+        await bus.consume(bus.topology.tasks_queue, handler, prefetch=1)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+async def test_message_of_a_consumer_killed_unacked_is_redelivered(bus, bus_settings):
+    topo = bus.topology
+    env = dict(os.environ, AMQP_URL=bus_settings.amqp_url, NPCBUS_NAMESPACE=bus_settings.namespace,
+               PYTHONPATH=str(ROOT))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CONSUMER_SCRIPT, env=env,
+                                                stdout=asyncio.subprocess.PIPE)
+    try:
+        await bus.publish(topo.train_exchange, "task", Cancel("precious"))
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.strip() == b"GOT precious"
+    finally:
+        proc.kill()  # SIGKILL: no goodbye to the broker
+        await proc.wait()
+    got = asyncio.get_running_loop().create_future()
+
+    async def handler(msg, d):
+        if not got.done():
+            got.set_result((msg.request_id, d.redelivered, d.delivery_count))
+
+    await bus.consume(topo.tasks_queue, handler)
+    rid, redelivered, count = await asyncio.wait_for(got, 30)
+    assert rid == "precious" and redelivered
+
+
+async def test_consumer_resumes_after_connection_cut_and_nothing_acked_is_lost(bus_settings):
+    proxy = await TCPProxy().start()
+    via_proxy = BusSettings.from_env({"AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+                                      "NPCBUS_NAMESPACE": bus_settings.namespace, "AMQP_HEARTBEAT_S": "5"})
+    publisher = Bus(bus_settings, name="publisher")
+    consumer = Bus(via_proxy, name="consumer")
+    await publisher.connect()
+    await publisher.declare_topology()
+    await consumer.connect()
+    topo = publisher.topology
+    processed: set[str] = set()
+    n = 200
+    try:
+        async def handler(msg, d):
+            await asyncio.sleep(0.005)
+            processed.add(msg.request_id)
+            return Ack()
+
+        await consumer.consume(topo.tasks_queue, handler, prefetch=10)
+        await publisher.publish_many(topo.train_exchange, "task", [Cancel(f"m{i}") for i in range(n // 2)])
+        while len(processed) < 20:
+            await asyncio.sleep(0.02)
+        assert proxy.cut() >= 1  # network drop while messages are in flight
+        await publisher.publish_many(topo.train_exchange, "task", [Cancel(f"m{i}") for i in range(n // 2, n)])
+        end = time.monotonic() + 60
+        while len(processed) < n and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        assert consumer.reconnects >= 1
+        assert processed == {f"m{i}" for i in range(n)}
+        # and nothing is left behind unacked
+        await asyncio.sleep(1)
+        ch = await publisher._conn.channel()
+        q = await ch.declare_queue(topo.tasks_queue.name, passive=True)
+        assert q.declaration_result.message_count == 0
+        await ch.close()
+    finally:
+        await consumer.close()
+        await publisher.close()
+        await proxy.close()
+        await delete_namespace(bus_settings)
+
+
+async def test_64_mib_payload_travels_chunked_and_verified(bus):
+    topo = bus.topology
+    rng = np.random.default_rng(1)
+    tensors = {f"layer{i}": rng.standard_normal((1024, 1024), dtype=np.float32).astype(np.float16)
+               for i in range(32)}  # 32 x 2 MiB = 64 MiB
+    msg = Delta("big", "t", "npc", 0, "w", 10, tensors=tensors)
+    got = asyncio.get_running_loop().create_future()
+
+    async def handler(m, d):
+        got.set_result((m, d.body_size, len(d.raw)))
+
+    await bus.consume(topo.deltas_queue, handler, prefetch=64)
+    await bus.publish(topo.train_exchange, "delta", msg)
+    m, size, pieces = await asyncio.wait_for(got, 120)
+    assert size > 64 * 1024 * 1024
+    assert pieces == -(-size // bus.settings.chunk_bytes) > 1
+    for k, v in tensors.items():
+        assert m.tensors[k].tobytes() == v.tobytes()
+
+
+async def test_corrupted_chunk_is_rejected(bus):
+    topo = bus.topology
+    payload = encode(Delta("c", "t", "npc", 0, "w", 1,
+                           tensors={"x": np.arange(300_000, dtype=np.float32)}))
+    chunks = split(payload, 256 * 1024)
+    assert len(chunks) >= 4
+    bad = chunks[2]
+    chunks[2] = Chunk(bad.stream_id, bad.index, bad.count, bad.total_size, bad.sha256, bad.total_sha256,
+                      bytes([bad.data[0] ^ 1]) + bad.data[1:])
+    handled = []
+
+    async def handler(m, d):
+        handled.append(m)
+
+    await bus.consume(topo.deltas_queue, handler, prefetch=64)
+    for c in chunks:
+        await bus.publish_bytes(topo.train_exchange, "delta", encode(c), headers={H_CHUNK_STREAM: c.stream_id})
+    dead = await collect_dead(bus, len(chunks), timeout=20)
+    assert len(dead) == len(chunks)
+    assert {d.headers[H_REJECT_CODE] for d in dead} == {"chunk_corrupt"}
+    assert handled == []
+
+
+def test_assembler_detects_missing_duplicate_and_corrupt_chunks():
+    payload = os.urandom(10_000)
+    chunks = split(payload, 1000)
+    a = Assembler(timeout_s=5)
+    for c in chunks[:-1]:
+        assert a.add(c, c.index).status == "partial"
+    dup = a.add(chunks[3], "again")
+    assert dup.status == "duplicate" and dup.replaced == 3
+    assert a.expire(time.monotonic() + 10)[0].status == "missing"
+    # complete and verified
+    b = Assembler()
+    res = [b.add(c) for c in reversed(chunks)]
+    assert res[-1].status == "complete" and res[-1].payload == payload
+    # a piece whose bytes do not match its hash
+    c2 = Assembler()
+    x = chunks[0]
+    forged = Chunk(x.stream_id, 0, x.count, x.total_size, x.sha256, x.total_sha256, b"\0" * len(x.data))
+    assert c2.add(forged).status == "corrupt"
+    # consistent hashes, but the whole does not match its total hash
+    c3 = Assembler()
+    import hashlib
+
+    parts = split(payload, 1000)
+    swapped = parts[1]
+    other = os.urandom(len(swapped.data))
+    parts[1] = Chunk(swapped.stream_id, 1, swapped.count, swapped.total_size, hashlib.sha256(other).hexdigest(),
+                     swapped.total_sha256, other)
+    results = [c3.add(p) for p in parts]
+    assert results[-1].status == "corrupt" and "hash mismatch" in results[-1].reason
+
+
+async def test_request_stream_orders_by_sequence_and_times_out(bus):
+    topo = bus.topology
+    server = Bus(bus.settings, name="server")
+    await server.connect()
+    spec = topo.gen_queue("tiny")
+    try:
+        async def handler(req, d):
+            # send out of order: the client re-orders by seq
+            n = int(req.prompt)
+            events = [TokenDelta(req.request_id, i, f"t{i}") for i in range(n)]
+            events.append(FinalResponse(req.request_id, n, "".join(e.text for e in events)))
+            for e in reversed(events):
+                await server.reply(d, e)
+
+        await server.consume(spec, handler)
+        got = [e async for e in bus.request_stream(topo.gen_exchange, "tiny",
+                                                    GenerationRequest("r1", "tiny", prompt="5"), timeout=10)]
+        assert [e.seq for e in got] == list(range(6))
+        assert got[-1].TYPE == "final_response" and got[-1].text == "t0t1t2t3t4"
+        # nobody answers on this route: the deadline ends the stream with BusTimeout
+        await bus.declare_queue(topo.gen_queue("silent"))
+        t0 = time.monotonic()
+        with pytest.raises(BusTimeout):
+            async for _ in bus.request_stream(topo.gen_exchange, "silent",
+                                              GenerationRequest("r2", "silent"), timeout=1.0):
+                pass
+        assert time.monotonic() - t0 < 3
+    finally:
+        await server.close()
+
+
+async def test_full_generation_queue_answers_overloaded_at_once(bus_settings):
+    b = Bus(bus_settings)
+    await b.connect()
+    try:
+        await b.declare_topology()
+        topo = Topology(bus_settings.namespace, gen_max_length=3)
+        b.topology = topo
+        await b.declare_queue(topo.gen_queue("small"))
+        for i in range(3):
+            await b.publish(topo.gen_exchange, "small", GenerationRequest(f"r{i}", "small"))
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded):
+            await b.publish(topo.gen_exchange, "small", GenerationRequest("r-over", "small"))
+        assert time.monotonic() - t0 < 2
+    finally:
+        await b.close()
+        await delete_namespace(bus_settings, [Topology(bus_settings.namespace).gen_queue("small").name])
+
+
+async def test_deferred_ack_settles_later(bus):
+    topo = bus.topology
+    held = []
+    got = asyncio.Event()
+
+    async def handler(msg, d):
+        held.append(d)
+        got.set()
+        return Defer()
+
+    await bus.consume(topo.deltas_queue, handler)
+    await bus.publish(topo.train_exchange, "delta", Cancel("later"))
+    await asyncio.wait_for(got.wait(), 10)
+    assert await bus.settle(held[0], Ack())

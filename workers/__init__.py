@@ -1,0 +1,1 @@
+"""npcbus workers service."""
