@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,7 +41,6 @@ from npcbus.settings import BusSettings
 from npcbus.topology import (
     H_CHUNK_STREAM,
     H_DEADLINE,
-    H_MESSAGE_TYPE,
     H_ORIGINAL_EXCHANGE,
     H_ORIGINAL_QUEUE,
     H_ORIGINAL_ROUTING_KEY,
@@ -219,6 +219,12 @@ class Bus:
         self._closed = False
         self.reconnects = 0
         self._connected_evt = asyncio.Event()
+        self._seq = 0
+
+    def _next_id(self) -> str:
+        # unique per process without a syscall per message (uuid4 reads the OS entropy pool)
+        self._seq += 1
+        return f"{self.client_id}-{self._seq}"
 
     # connection ------------------------------------------------------------------------------
     @property
@@ -342,9 +348,7 @@ class Bus:
                             reply_to: str | None = None, message_id: str | None = None,
                             mandatory: bool = True, priority: int | None = None) -> None:
         self._require()
-        hdrs = dict(headers or {})
-        if msg_type:
-            hdrs[H_MESSAGE_TYPE] = msg_type
+        hdrs = dict(headers) if headers else {}
         if deadline is not None:
             hdrs[H_DEADLINE] = float(deadline)
         expiration = None
@@ -359,7 +363,7 @@ class Bus:
             priority=priority,
         )
         if len(body) <= self.settings.chunk_bytes:
-            m = aio_pika.Message(body, headers=hdrs, message_id=message_id or new_id(), **common)
+            m = aio_pika.Message(body, headers=hdrs or None, message_id=message_id or self._next_id(), **common)
             await self._publish_raw(exchange, routing_key, m, mandatory)
         else:
             chunks = await asyncio.to_thread(split, body, self.settings.chunk_bytes)
@@ -371,7 +375,7 @@ class Bus:
                 cb = encode(ch)
                 msgs.append(aio_pika.Message(cb, headers=h, message_id=f"{message_id or sid}:{ch.index}", **common))
             await asyncio.gather(*(self._publish_raw(exchange, routing_key, m, mandatory) for m in msgs))
-        metrics.PUBLISHED.labels(msg_type or "raw").inc()
+        _published(msg_type or "raw").inc()
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         ex = self._exchanges.get(name)
@@ -395,10 +399,9 @@ class Bus:
                 raise Unroutable(f"no queue bound for {exchange!r}/{routing_key!r}") from e
             except aio_pika.exceptions.DeliveryError as e:
                 raise Overloaded(f"broker refused the message for {exchange!r}/{routing_key!r} (queue full)") from e
-            except (aiormq.exceptions.ChannelNotFoundEntity,) as e:
+            except aiormq.exceptions.ChannelNotFoundEntity as e:
                 raise Unroutable(f"exchange {exchange!r} does not exist") from e
-            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError, asyncio.TimeoutError, RuntimeError) as e:
+            except (TimeoutError, aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError, RuntimeError) as e:
                 if self._closed or time.monotonic() > deadline:
                     raise BusError(f"publish failed: {type(e).__name__}: {e}") from e
                 log.warning("publish failed; retrying after reconnect", error=f"{type(e).__name__}: {e}")
@@ -508,10 +511,11 @@ class Bus:
             log.exception("handler failed", queue=c.name, message_id=delivery.message_id, type=msg.TYPE)
             outcome = Retry(f"{type(e).__name__}: {e}") if c.spec.is_quorum else Reject(
                 f"handler error: {type(e).__name__}: {e}", "handler_error")
-        metrics.HANDLER_SECONDS.labels(c.name).observe(time.perf_counter() - started)
+        if not no_ack:
+            _handler_seconds(c.name).observe(time.perf_counter() - started)
         if outcome is None:
             outcome = Ack()
-        metrics.CONSUMED.labels(msg.TYPE, type(outcome).__name__.lower()).inc()
+        _consumed(msg.TYPE, type(outcome).__name__.lower()).inc()
         if not no_ack and not isinstance(outcome, Defer):
             await self.settle(delivery, outcome)
 
@@ -598,7 +602,7 @@ class Bus:
         if deadline is None and timeout is not None:
             deadline = time.time() + timeout
         reply_to = await self.reply_queue()
-        cid = correlation_id or new_id()
+        cid = correlation_id or self._next_id()
         q: asyncio.Queue = asyncio.Queue()
         self._pending[cid] = q
         final = is_final or _default_final
@@ -611,10 +615,14 @@ class Bus:
                 remaining = None if deadline is None else deadline - time.time()
                 if remaining is not None and remaining <= 0:
                     raise BusTimeout(f"no complete reply before the deadline (correlation id {cid})")
-                try:
-                    item = await asyncio.wait_for(q.get(), remaining)
-                except asyncio.TimeoutError:
-                    raise BusTimeout(f"no complete reply before the deadline (correlation id {cid})") from None
+                if not q.empty():
+                    item = q.get_nowait()
+                else:
+                    try:
+                        async with asyncio.timeout(remaining):
+                            item = await q.get()
+                    except TimeoutError:
+                        raise BusTimeout(f"no complete reply before the deadline (correlation id {cid})") from None
                 if item is None:
                     raise BusNotConnected("the bus was closed")
                 seq = getattr(item, "seq", None)
@@ -635,11 +643,46 @@ class Bus:
         finally:
             self._pending.pop(cid, None)
 
-    async def request(self, exchange: str, routing_key: str, msg: Message, **kw) -> Message:
-        """Publish a request and return its single reply."""
-        async for reply in self.request_stream(exchange, routing_key, msg, is_final=lambda _m: True, **kw):
-            return reply
-        raise BusError("no reply")
+    async def request(self, exchange: str, routing_key: str, msg: Message, *, deadline: float | None = None,
+                      timeout: float | None = 30.0, persistent: bool = False) -> Message:
+        """Publish a request and return its single reply (:class:`BusTimeout` at the deadline)."""
+        if deadline is None and timeout is not None:
+            deadline = time.time() + timeout
+        reply_to = await self.reply_queue()
+        cid = self._next_id()
+        q: asyncio.Queue = asyncio.Queue(maxsize=0)
+        self._pending[cid] = q
+        try:
+            await self.publish(exchange, routing_key, msg, persistent=persistent, deadline=deadline,
+                               correlation_id=cid, reply_to=reply_to)
+            if q.empty():
+                try:
+                    async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.time())):
+                        item = await q.get()
+                except TimeoutError:
+                    raise BusTimeout(f"no reply before the deadline (correlation id {cid})") from None
+            else:
+                item = q.get_nowait()
+            if item is None:
+                raise BusNotConnected("the bus was closed")
+            return item
+        finally:
+            self._pending.pop(cid, None)
+
+
+@functools.cache
+def _published(mtype: str):
+    return metrics.PUBLISHED.labels(mtype)
+
+
+@functools.cache
+def _consumed(mtype: str, outcome: str):
+    return metrics.CONSUMED.labels(mtype, outcome)
+
+
+@functools.lru_cache(maxsize=1024)
+def _handler_seconds(queue: str):
+    return metrics.HANDLER_SECONDS.labels(queue)
 
 
 def _default_final(m: Message) -> bool:

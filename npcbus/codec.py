@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import types
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any, Union
 
 import msgpack
@@ -91,12 +92,12 @@ def encode(msg: Message) -> bytes:
     return b"".join([prefix, packed, *blobs])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _required(cls: type) -> tuple[set[str], tuple[dataclasses.Field, ...]]:
     fields = tuple(f for f in dataclasses.fields(cls) if f.init)
     req = {
@@ -115,7 +116,7 @@ def _check(value: Any, typ: Any, path: str) -> Any:
         return value
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []

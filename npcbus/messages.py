@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import ClassVar
 
 import numpy as np
 
 PROTOCOL_VERSION = 1
 
-REGISTRY: dict[str, type["Message"]] = {}
+REGISTRY: dict[str, type[Message]] = {}
 
 
 def new_id() -> str:
@@ -62,7 +62,7 @@ class TrainingTask(Message):
     steps: int
     hyperparams: dict = field(default_factory=dict)
     base_model: str = ""
-    deadline: Optional[float] = None
+    deadline: float | None = None
     lease_s: float = 600.0
     attempt: int = 0
     issued_at: float = field(default_factory=time.time)
@@ -114,7 +114,7 @@ class VersionAnnouncement(Message):
     version: int
     base_model: str
     content_hash: str
-    parent: Optional[int] = None
+    parent: int | None = None
     metrics: dict = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
 
@@ -125,7 +125,7 @@ class AdapterFetchRequest(Message):
     """Ask for an adapter version's files (``version`` None: the current one)."""
 
     adapter: str
-    version: Optional[int] = None
+    version: int | None = None
 
 
 @register("adapter_fetch_reply")
@@ -163,12 +163,12 @@ class GenerationRequest(Message):
     prompt: str = ""
     messages: list = field(default_factory=list)
     npc: dict = field(default_factory=dict)
-    adapter: Optional[str] = None
-    adapter_version: Optional[int] = None
+    adapter: str | None = None
+    adapter_version: int | None = None
     params: dict = field(default_factory=dict)
-    json_schema: Optional[dict] = None
+    json_schema: dict | None = None
     stream: bool = True
-    deadline: Optional[float] = None
+    deadline: float | None = None
     created_at: float = field(default_factory=time.time)
 
 
@@ -192,10 +192,10 @@ class FinalResponse(Message):
     seq: int
     text: str
     finish_reason: str = "stop"
-    response: Optional[dict] = None
+    response: dict | None = None
     valid: bool = True
-    adapter: Optional[str] = None
-    adapter_version: Optional[int] = None
+    adapter: str | None = None
+    adapter_version: int | None = None
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     worker_id: str = ""
@@ -250,8 +250,8 @@ class Experience(Message):
     adapter: str
     npc: dict
     response: dict
-    adapter_version: Optional[int] = None
-    score: Optional[float] = None
+    adapter_version: int | None = None
+    score: float | None = None
     session_id: str = ""
     player_id: str = ""
     created_at: float = field(default_factory=time.time)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 
 class SettingsError(ValueError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -29,7 +28,7 @@ from npcbus.messages import Cancel, Chunk, Delta, FinalResponse, GenerationReque
 from npcbus.settings import BusSettings
 from npcbus.topology import H_CHUNK_STREAM, H_REJECT_CODE, H_REJECT_REASON, Topology
 
-from .conftest import AMQP_URL, ROOT, delete_namespace
+from .conftest import ROOT, delete_namespace
 from .tcp_proxy import TCPProxy
 
 pytestmark = pytest.mark.broker

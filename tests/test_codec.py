@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
 import msgpack
@@ -32,7 +33,7 @@ def arrays():
 def strategy_for(typ):
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:
         return st.one_of(*[strategy_for(a) for a in args])
     if typ is type(None):
         return st.none()
