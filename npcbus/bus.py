@@ -126,6 +126,11 @@ class Delivery:
     @property
     def deadline(self) -> float | None:
         v = self.headers.get(H_DEADLINE)
+        if isinstance(v, (bytes, str)):
+            try:
+                return float(v)
+            except ValueError:
+                return None
         return float(v) if isinstance(v, (int, float)) else None
 
 
@@ -350,7 +355,8 @@ class Bus:
         self._require()
         hdrs = dict(headers) if headers else {}
         if deadline is not None:
-            hdrs[H_DEADLINE] = float(deadline)
+            # as text: AMQP tables carry Python floats as 32-bit floats, which put a unix time up to a minute off
+            hdrs[H_DEADLINE] = repr(float(deadline))
         expiration = None
         if deadline is not None:
             remaining = deadline - time.time()
