@@ -638,6 +638,11 @@ class Bus:
                         return
                     continue
                 if seq < expected:
+                    if final(item):
+                        # the end of a restarted stream (the request was redelivered after its
+                        # consumer died): it still ends this one
+                        yield item
+                        return
                     continue  # duplicate
                 held[seq] = item
                 while expected in held:

@@ -22,7 +22,6 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("worker", "infer"): ("workers.infer_worker", "Run an inference consumer: generation requests in, token streams out."),
     ("aggregator",): ("aggregator.service", "Run the aggregator: rounds over deltas, new adapter versions."),
     ("gateway",): ("gateway.app", "Run the gateway: WebSocket NPC chat, HTTP and OpenAI-compatible API."),
-    ("loop",): ("aggregator.loop", "Turn accepted experience and feedback into training tasks."),
     ("data", "build"): ("npcbus.data.build", "Build a cleaned, deduplicated data set from a weighted mix of sources."),
     ("data", "npc"): ("npcbus.data.npc", "Validate, deduplicate and split NPC dialogue records."),
     ("data", "blocks"): ("npcbus.data.blocks", "Tokenize text into fixed-length blocks for training tasks."),
@@ -57,7 +56,7 @@ def _top_parser() -> argparse.ArgumentParser:
         if len(items) == 1 and len(items[0][0]) == 1:
             sub.add_parser(name, help=items[0][1], add_help=False)
         else:
-            sub.add_parser(name, help="; ".join(f"{path[1]}: {h}" for path, h in items), add_help=False)
+            sub.add_parser(name, help="subcommands: " + ", ".join(path[1] for path, _h in items), add_help=False)
     return p
 
 
