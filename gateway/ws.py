@@ -1,0 +1,481 @@
+"""WebSocket NPC chat (``GET /v1/ws``): sessions, turns, streaming, cancel.
+
+The protocol is specified by ``schemas/ws_protocol.schema.json`` and described in
+``docs/websocket-protocol.md``. One socket holds at most one session; a session outlives its socket
+for ``SESSION_RESUME_S`` so that a client that reconnects can resume it (its history and its
+finished turn ids, so a retried turn is answered from memory instead of running twice).
+
+Turns of a session run one at a time, in order (each prompt carries the history of the turns
+before it); each turn runs as its own task so that the socket keeps reading (cancel, ping,
+context updates) while it streams. Cancelling a turn, ending the session or losing the socket
+cancels the task, and :meth:`gateway.core.Gateway.generate` then aborts the generation at the
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from npcbus.logs import get_logger
+from npcbus.messages import FinalResponse, TokenDelta
+from npcbus.npc import NPCRequestError, load_personas, validate_request
+
+from .core import WS_SESSIONS, Gateway, GatewayError
+from .keys import CLIENT_KEY, GATEWAY
+from .protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_TRY_LATER,
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+    ProtocolError,
+    context_errors,
+    dumps,
+    parse_frame,
+)
+
+log = get_logger("npcbus.gateway.ws")
+
+
+def merge_context(current: dict, update: dict, *, replace: bool = False) -> dict:
+    """The context after an update: keys replace keys; world_state and quest_state merge key by key."""
+    if replace:
+        return copy.deepcopy(update)
+    out = copy.deepcopy(current)
+    for k, v in update.items():
+        if k in ("world_state", "quest_state") and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **copy.deepcopy(v)}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+@dataclass
+class Turn:
+    turn_id: str
+    request_id: str
+    received: float  # perf_counter
+    task: asyncio.Task | None = None
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str
+    persona: dict
+    player: dict
+    audience: str
+    context: dict
+    adapter: str | None
+    safe_mode: bool
+    generation: dict
+    history: deque
+    done: OrderedDict = field(default_factory=OrderedDict)   # turn id -> its turn.final event
+    active: dict = field(default_factory=dict)              # turn id -> Turn (queued or running)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    conn: Connection | None = None
+    detached_at: float | None = None  # monotonic
+
+    @property
+    def persona_id(self) -> str:
+        return self.persona["id"]
+
+    async def send(self, event: dict) -> bool:
+        conn = self.conn
+        return await conn.send(event) if conn is not None else False
+
+    def npc_request(self, text: str, generation: dict | None) -> dict:
+        return {
+            "persona": self.persona,
+            "context": self.context,
+            "history": list(self.history),
+            "player": self.player,
+            "player_input": text,
+            "audience": self.audience,
+            "adapter": self.adapter,
+            "generation": {**self.generation, **(generation or {})},
+            "safe_mode": self.safe_mode,
+        }
+
+    def remember(self, turn_id: str, event: dict, limit: int) -> None:
+        self.done[turn_id] = event
+        while len(self.done) > limit:
+            self.done.popitem(last=False)
+
+    def cancel_turns(self) -> list[str]:
+        ids = list(self.active)
+        for turn in list(self.active.values()):
+            if turn.task is not None:
+                turn.task.cancel()
+        self.active.clear()
+        return ids
+
+
+class Connection:
+    """One WebSocket and the session it holds."""
+
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, client_key: str):
+        self.gw = gw
+        self.ws = ws
+        self.client_key = client_key
+        self.session: Session | None = None
+        self.closing = False
+
+    # sending ---------------------------------------------------------------------------------
+    async def send(self, event: dict) -> bool:
+        if self.ws.closed or self.closing:
+            return False
+        try:
+            await self.ws.send_str(dumps(event))
+            return True
+        except (ConnectionError, RuntimeError):
+            return False
+
+    async def close(self, code: int, message: str = "") -> None:
+        self.closing = True
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=message.encode()[:120])
+
+    async def fail(self, err: ProtocolError) -> bool:
+        """Send the error event; close when its code says so. Returns whether the socket stays open."""
+        await self.send(err.event())
+        if err.close_code is not None:
+            await self.close(err.close_code, err.code)
+            return False
+        return True
+
+    # the read loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        s = self.gw.settings
+        while not self.closing:
+            if self.session is None:
+                timeout = s.ws_start_timeout_s
+            else:
+                timeout = s.ws_idle_timeout_s or None
+            try:
+                msg = await self.ws.receive(timeout=timeout)
+            except TimeoutError:
+                what = "no session.start" if self.session is None else "no message"
+                await self.fail(ProtocolError("session_timeout", f"{what} within {timeout:g} s"))
+                return
+            if msg.type == WSMsgType.TEXT:
+                try:
+                    keep = await self.on_text(msg.data)
+                except ProtocolError as e:
+                    keep = await self.fail(e)
+                except Exception:
+                    log.exception("websocket message failed", session_id=self.session.id if self.session else None)
+                    keep = await self.fail(ProtocolError("internal", "the gateway failed on this message",
+                                                         retryable=True))
+                if not keep:
+                    return
+            elif msg.type == WSMsgType.BINARY:
+                await self.fail(ProtocolError("bad_frame", "binary frames are not part of the protocol; send JSON "
+                                                           "text frames"))
+            else:  # CLOSE, CLOSING, CLOSED, ERROR (a too-large frame: aiohttp closes with 1009)
+                return
+
+    async def on_text(self, data: str) -> bool:
+        try:
+            msg = parse_frame(data)
+        except ProtocolError as e:
+            if e.code == "invalid_session" and self.session is not None:
+                raise ProtocolError("session_exists", "this socket already has a session") from None
+            raise
+        mtype = msg["type"]
+        if mtype == "ping":
+            await self.send({"type": "pong", "id": msg.get("id"), "time": time.time()})
+            return True
+        if mtype == "session.start":
+            if self.session is not None:
+                raise ProtocolError("session_exists", "this socket already has a session")
+            await self.start(msg)
+            return True
+        sess = self.session
+        if sess is None:
+            raise ProtocolError("no_session", f"{mtype} before session.start")
+        sid = msg.get("session_id")
+        if sid is not None and sid != sess.id:
+            raise ProtocolError("unknown_session", f"session {sid!r} is not this socket's session")
+        if mtype == "turn":
+            await self.on_turn(sess, msg)
+        elif mtype == "turn.cancel":
+            await self.on_cancel(sess, msg["turn_id"])
+        elif mtype == "context.update":
+            merged = merge_context(sess.context, msg["context"], replace=bool(msg.get("replace")))
+            problem = context_errors(merged)
+            if problem:
+                raise ProtocolError("invalid_message", f"context.update: the merged context: {problem[1]}",
+                                    field=f"context.{problem[0]}".rstrip("."))
+            sess.context = merged
+            await self.send({"type": "context.updated", "context": merged})
+        elif mtype == "session.end":
+            for tid in sess.cancel_turns():
+                await self.send({"type": "turn.cancelled", "turn_id": tid})
+            self.gw.sessions.pop(sess.id, None)
+            sess.conn = None
+            self.session = None
+            await self.send({"type": "session.ended", "session_id": sess.id})
+            await self.close(CLOSE_NORMAL, "session ended")
+            return False
+        return True
+
+    # sessions --------------------------------------------------------------------------------
+    async def start(self, msg: dict) -> None:
+        gw = self.gw
+        s = gw.settings
+        if "resume" in msg:
+            sess = gw.sessions.get(msg["resume"])
+            if sess is None or sess.owner != self.client_key:
+                raise ProtocolError("unknown_session", "no such session (it may have expired)", field="resume")
+            if sess.conn is not None:
+                raise ProtocolError("session_in_use", "another socket holds this session", field="resume",
+                                    retryable=True)
+            resumed = True
+        else:
+            probe = {k: msg[k] for k in ("persona", "persona_id", "player", "audience", "context", "adapter",
+                                         "safe_mode", "generation", "history") if k in msg}
+            probe["player_input"] = "hello"
+            personas = None
+            if "persona" not in msg:
+                try:
+                    personas = load_personas()
+                except (OSError, ValueError):
+                    personas = {}
+            try:
+                req = validate_request(probe, personas=personas)
+            except NPCRequestError as e:
+                raise ProtocolError("invalid_session", f"session.start: {e.field}: {e.reason}", field=e.field) from None
+            if "adapter" in msg:
+                adapter = msg["adapter"]
+            else:
+                adapter = gw.adapters.default_for_persona(req["persona"]["id"]) if gw.adapters is not None else None
+            if adapter is not None and gw.adapters is not None:
+                try:
+                    gw.adapters.resolve(adapter)
+                except GatewayError as e:
+                    raise ProtocolError("invalid_session", f"session.start: adapter: {e.message}",
+                                        field="adapter") from None
+            keep = 2 * s.history_turns
+            sess = Session(
+                id=f"s_{uuid.uuid4().hex}", owner=self.client_key, persona=req["persona"], player=req["player"],
+                audience=req["audience"], context=req["context"], adapter=adapter, safe_mode=req["safe_mode"],
+                generation=dict(msg.get("generation") or {}),
+                history=deque(req["history"][-keep:] if keep else [], maxlen=keep),
+            )
+            gw.sessions[sess.id] = sess
+            resumed = False
+        sess.conn = self
+        sess.detached_at = None
+        self.session = sess
+        await self.send({
+            "type": "session.started", "session_id": sess.id, "resumed": resumed, "persona_id": sess.persona_id,
+            "adapter": sess.adapter, "history_turns": s.history_turns, "turns_done": list(sess.done),
+            "limits": {"max_frame_bytes": s.max_frame_bytes, "max_pending_turns": s.max_pending_turns,
+                       "request_timeout_ms": int(s.request_timeout_s * 1000), "heartbeat_s": s.ws_heartbeat_s},
+            "protocol": PROTOCOL_VERSION,
+        })
+        log.info("session started", session_id=sess.id, persona=sess.persona_id, adapter=sess.adapter,
+                 resumed=resumed)
+
+    def detach(self) -> None:
+        """The socket is gone: abort its turns; keep the session for a while for resume."""
+        sess = self.session
+        self.session = None
+        if sess is None:
+            return
+        aborted = sess.cancel_turns()
+        sess.conn = None
+        sess.detached_at = time.monotonic()
+        if self.gw.settings.session_resume_s <= 0:
+            self.gw.sessions.pop(sess.id, None)
+        if aborted:
+            log.info("socket lost; turns aborted", session_id=sess.id, turns=aborted)
+
+    # turns -----------------------------------------------------------------------------------
+    async def on_turn(self, sess: Session, msg: dict) -> None:
+        gw = self.gw
+        s = gw.settings
+        tid = msg["turn_id"]
+        if tid in sess.active:
+            raise ProtocolError("duplicate_turn", f"turn {tid!r} is already queued or running", turn_id=tid)
+        if tid in sess.done:
+            await self.send({**sess.done[tid], "replay": True})
+            return
+        if len(sess.active) > s.max_pending_turns:
+            await self.send(turn_error(tid, "busy", f"{len(sess.active)} turns of this session are already queued "
+                                       "or running; send this one when one has ended", True, 0.5))
+            return
+        try:
+            gw.rate_check(self.client_key)
+        except GatewayError as e:
+            await self.send(turn_error(tid, e.code, e.message, e.retryable, e.retry_after_s))
+            return
+        turn = Turn(tid, uuid.uuid4().hex, time.perf_counter())
+        queued = len(sess.active)
+        sess.active[tid] = turn
+        await self.send({"type": "turn.accepted", "turn_id": tid, "request_id": turn.request_id, "queued": queued})
+        turn.task = asyncio.get_running_loop().create_task(self.run_turn(sess, turn, msg), name=f"turn-{tid}")
+
+    async def on_cancel(self, sess: Session, tid: str) -> None:
+        turn = sess.active.pop(tid, None)
+        if turn is None:
+            raise ProtocolError("unknown_turn", f"turn {tid!r} is not queued or running", turn_id=tid)
+        if turn.task is not None:
+            turn.task.cancel()
+        await self.send({"type": "turn.cancelled", "turn_id": tid})
+        log.info("turn cancelled by the client", session_id=sess.id, turn_id=tid, request_id=turn.request_id)
+
+    async def run_turn(self, sess: Session, turn: Turn, msg: dict) -> None:
+        gw = self.gw
+        tid = turn.turn_id
+        try:
+            async with sess.lock:
+                started = time.perf_counter()
+                if sess.active.get(tid) is not turn:
+                    return  # cancelled while queued
+                if msg.get("context"):
+                    merged = merge_context(sess.context, msg["context"])
+                    problem = context_errors(merged)
+                    if problem:
+                        raise GatewayError("invalid_request", f"the merged context: {problem[1]}", status=400,
+                                           field=f"context.{problem[0]}".rstrip("."))
+                    sess.context = merged
+                npc = sess.npc_request(msg["text"], msg.get("generation"))
+                timeout_ms = msg.get("timeout_ms")
+                timeout = gw.timeout_for(timeout_ms / 1000 if timeout_ms else None)
+                req = gw.new_request(request_id=turn.request_id, mode="npc", npc=npc, adapter=sess.adapter)
+                first: float | None = None
+                final: FinalResponse | None = None
+                index = 0
+                with gw.slot():
+                    async with contextlib.aclosing(gw.generate(req, timeout_s=timeout, api="ws")) as stream:
+                        async for ev in stream:
+                            if isinstance(ev, TokenDelta):
+                                if not ev.text:
+                                    continue
+                                if first is None:
+                                    first = time.perf_counter()
+                                await sess.send({"type": "turn.delta", "turn_id": tid, "text": ev.text, "index": index})
+                                index += 1
+                            elif isinstance(ev, FinalResponse):
+                                final = ev
+                end = time.perf_counter()
+                if final is None or not isinstance(final.response, dict):
+                    raise GatewayError("bad_response", "the inference consumer sent no structured response",
+                                       status=502, retryable=True, retry_after_s=0.5)
+                ms = 1000.0
+                event = {
+                    "type": "turn.final", "turn_id": tid, "request_id": turn.request_id, "response": final.response,
+                    "valid": bool(final.valid), "adapter": final.adapter, "adapter_version": final.adapter_version,
+                    "finish_reason": final.finish_reason, "usage": final.usage,
+                    "timings": {"queue_ms": round((started - turn.received) * ms, 3),
+                                "ttft_ms": None if first is None else round((first - turn.received) * ms, 3),
+                                "total_ms": round((end - turn.received) * ms, 3),
+                                "engine": final.timings or {}},
+                }
+                # settle the turn before awaiting anything, so a late cancel cannot race the final
+                if sess.active.get(tid) is turn:
+                    del sess.active[tid]
+                sess.remember(tid, event, gw.settings.turn_cache)
+                if sess.history.maxlen:
+                    sess.history.append({"role": "player", "text": msg["text"]})
+                    sess.history.append({"role": "npc", "text": final.response.get("dialogue", "")})
+                gw.publish_experience(npc=npc, final=final, session_id=sess.id, player_id=sess.player.get("id", ""))
+                await sess.send(event)
+                log.info("turn done", session_id=sess.id, turn_id=tid, request_id=turn.request_id,
+                         adapter=final.adapter, version=final.adapter_version, total_ms=event["timings"]["total_ms"])
+        except asyncio.CancelledError:
+            return  # cancel or disconnect: whoever cancelled has answered the client
+        except GatewayError as e:
+            if sess.active.get(tid) is turn:
+                del sess.active[tid]
+                await sess.send(turn_error(tid, e.code, e.message, e.retryable, e.retry_after_s, field=e.field))
+            log.info("turn failed", session_id=sess.id, turn_id=tid, request_id=turn.request_id, code=e.code)
+        except Exception:
+            log.exception("turn failed", session_id=sess.id, turn_id=tid, request_id=turn.request_id)
+            if sess.active.get(tid) is turn:
+                del sess.active[tid]
+                await sess.send(turn_error(tid, "internal", "the gateway failed on this turn", True, 0.5))
+        finally:
+            if sess.active.get(tid) is turn:
+                del sess.active[tid]
+
+
+def turn_error(tid: str, code: str, message: str, retryable: bool, retry_after_s: float | None = None, *,
+               field: str | None = None) -> dict:
+    ev: dict[str, Any] = {"type": "turn.error", "turn_id": tid, "code": code, "message": message, "retryable": retryable}
+    if retryable and retry_after_s is not None:
+        ev["retry_after_ms"] = max(0, round(retry_after_s * 1000))
+    if field:
+        ev["field"] = field
+    return ev
+
+
+async def ws_handler(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    s = gw.settings
+    ws = web.WebSocketResponse(heartbeat=s.ws_heartbeat_s, max_msg_size=s.max_frame_bytes, protocols=(SUBPROTOCOL,),
+                               autoping=True)
+    if not ws.can_prepare(request).ok:
+        raise web.HTTPBadRequest(text="this route takes a WebSocket upgrade")
+    await ws.prepare(request)
+    conn = Connection(gw, ws, request[CLIENT_KEY])
+    if len(gw.connections) >= s.max_ws_sessions:
+        err = ProtocolError("overloaded", f"the gateway holds its maximum of {s.max_ws_sessions} sessions; retry later",
+                            retryable=True)
+        ev = err.event()
+        ev["retry_after_ms"] = 5000
+        await conn.send(ev)
+        await conn.close(CLOSE_TRY_LATER, "overloaded")
+        return ws
+    gw.connections.add(conn)
+    WS_SESSIONS.set(len(gw.connections))
+    try:
+        await conn.run()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("websocket failed")
+        await conn.fail(ProtocolError("internal", "the gateway failed", retryable=True))
+    finally:
+        conn.detach()
+        gw.connections.discard(conn)
+        WS_SESSIONS.set(len(gw.connections))
+        if not ws.closed:
+            await conn.close(CLOSE_NORMAL)
+    return ws
+
+
+async def close_all(gw: Gateway) -> None:
+    """At shutdown: close every socket with 1001 (going away)."""
+    for conn in list(gw.connections):
+        await conn.close(CLOSE_GOING_AWAY, "server shutdown")
+
+
+async def sweep_sessions(gw: Gateway, interval: float = 5.0) -> None:
+    """Forget detached sessions after SESSION_RESUME_S (and the oldest ones beyond the session cap)."""
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        ttl = gw.settings.session_resume_s
+        detached = [(sess.detached_at, sid) for sid, sess in gw.sessions.items() if sess.conn is None]
+        for at, sid in detached:
+            if at is None or now - at > ttl:
+                gw.sessions.pop(sid, None)
+        over = len(gw.sessions) - 2 * gw.settings.max_ws_sessions
+        if over > 0:
+            for _at, sid in sorted((a or 0, sid) for a, sid in detached if sid in gw.sessions)[:over]:
+                gw.sessions.pop(sid, None)
+
+
+__all__ = ["Connection", "Session", "close_all", "merge_context", "sweep_sessions", "ws_handler"]
