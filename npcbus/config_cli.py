@@ -16,6 +16,7 @@ SETTINGS_CLASSES = [
     "workers.infer_worker:InferSettings",
     "workers.train_worker:TrainWorkerSettings",
     "aggregator.service:AggregatorSettings",
+    "npcbus.adapters:AdapterToolSettings",
     "gateway.settings:GatewaySettings",
     "npcbus.stack:StackSettings",
 ]
