@@ -1,0 +1,62 @@
+"""``npcbus model init [DIR]``: build the offline default model (tokenizer + small Llama).
+
+Needs no network. Reuses an existing build in DIR when its stamp matches the asked parameters
+(seed, steps, builder version, corpus hash); ``--force`` rebuilds anyway. DIR defaults to
+``MODEL_DIR`` and the seed to ``MODEL_SEED``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", nargs="?", default=None, metavar="DIR",
+                        help="where to write the model (default: MODEL_DIR, .npcbus/models/default)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the build (default: MODEL_SEED, 1234)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="pre-training steps (default: the default model's, about two minutes on two cores)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if DIR holds a matching build")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from npcbus.logs import setup_logging
+    from npcbus.settings import BusSettings, ModelSettings, SettingsError
+
+    try:
+        bus = BusSettings.from_env()
+        setup_logging(bus.log_format, bus.log_level)
+        ms = ModelSettings.from_env()
+    except SettingsError as e:
+        print(f"npcbus model init: {e}")
+        return 2
+    if args.steps is not None and args.steps < 0:
+        print("npcbus model init: --steps must be >= 0")
+        return 2
+
+    from npcbus import model as M
+
+    out = Path(args.dir if args.dir is not None else ms.model_dir).expanduser().resolve()
+    params = {"seed": args.seed if args.seed is not None else ms.model_seed}
+    if args.steps is not None:
+        params["train_steps"] = args.steps
+    reused = not args.force and M.is_current(out, **params)
+    if not reused:
+        print(f"building the default model in {out} (seed {params['seed']}) ...", flush=True)
+    try:
+        M.ensure_default_model(out, force=args.force, **params)
+    except (FileExistsError, ValueError) as e:
+        print(f"npcbus model init: {e}")
+        return 2
+    stamp = M.read_stamp(out) or {}
+    p = stamp.get("params", {})
+    print(("reused the existing build in " if reused else "wrote ") + str(out))
+    print(f"  parameters:  {stamp.get('n_params', 0):,} (Llama: hidden {p.get('hidden_size')}, "
+          f"{p.get('num_layers')} layers, {p.get('num_heads')} heads of {p.get('hidden_size', 0) // max(1, p.get('num_heads', 1))})")
+    print(f"  vocabulary:  {stamp.get('vocab_size')} (tokenizer {stamp.get('tokenizer_size')} tokens, byte-level BPE)")
+    print(f"  pre-training: {p.get('train_steps')} steps of {p.get('batch_size')}x{p.get('seq_len')} tokens "
+          f"over a {stamp.get('stream_tokens')}-token corpus stream, final loss {stamp.get('final_loss')}")
+    print(f"  seed {stamp.get('seed')}, built in {stamp.get('build_seconds')} s, weights sha256 {str(stamp.get('weights_sha256'))[:16]}")
+    return 0
