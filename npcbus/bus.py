@@ -186,7 +186,17 @@ class Consumer:
     def name(self) -> str:
         return self.spec.name
 
+    async def pause(self) -> None:
+        """Stop new deliveries but keep the channel, so deliveries in hand can still be settled."""
+        if self.tag is not None:
+            with contextlib.suppress(Exception):
+                await self.queue.cancel(self.tag)
+            self.tag = None
+
     async def cancel(self) -> None:
+        """Stop consuming, close the channel and forget this consumer."""
+        with contextlib.suppress(ValueError):
+            self.bus._consumers.remove(self)
         if self._sweeper:
             self._sweeper.cancel()
         if self.tag is not None:
@@ -252,17 +262,20 @@ class Bus:
         self._conn.close_callbacks.add(self._on_close)
         self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         self._connected_evt.set()
+        metrics.BUS_CONNECTED.labels(self.name).set(1)
         log.info("bus connected", client=self.name, client_id=self.client_id, namespace=self.settings.namespace)
         return self
 
     def _on_close(self, *_args) -> None:
         if not self._closed:
             self._connected_evt.clear()
+            metrics.BUS_CONNECTED.labels(self.name).set(0)
             log.warning("bus connection lost; reconnecting", client=self.name)
 
     def _on_reconnect(self, *_args) -> None:
         self.reconnects += 1
         self._connected_evt.set()
+        metrics.BUS_CONNECTED.labels(self.name).set(1)
         # pieces held from the old channel can no longer be settled; the broker redelivers them
         for c in self._consumers:
             c.assembler.drop_tokens(lambda m: getattr(m, "channel", None) is None or m.channel.is_closed)
@@ -276,6 +289,7 @@ class Bus:
         if self._closed:
             return
         self._closed = True
+        metrics.BUS_CONNECTED.labels(self.name).set(0)
         for c in list(self._consumers):
             await c.cancel()
         self._consumers.clear()

@@ -83,7 +83,7 @@ CHUNK_ELEMS = 1 << 17
 REASON_CODES = (
     "unknown_adapter", "unauthorized_sender", "duplicate", "unknown_base_version", "stale", "bad_quant",
     "tensor_names", "tensor_shape", "tensor_dtype", "bad_num_samples", "non_finite_metrics", "non_finite",
-    "norm_too_large", "round_expired",
+    "norm_too_large", "round_expired", "wrong_type", "invalid",
 )
 
 
