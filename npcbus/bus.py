@@ -337,11 +337,7 @@ class Bus:
 
     # publishing ------------------------------------------------------------------------------
     async def _encode(self, msg: Message) -> bytes:
-        tensors = any(hasattr(v, "nbytes") for v in vars(msg).values()) or any(
-            isinstance(v, dict) and any(hasattr(x, "nbytes") or (isinstance(x, bytes) and len(x) > OFFLOAD_BYTES)
-                                        for x in v.values())
-            for v in vars(msg).values())
-        if tensors:
+        if _may_be_large(type(msg)):
             return await asyncio.to_thread(encode, msg)
         return encode(msg)
 
@@ -693,6 +689,15 @@ class Bus:
             return item
         finally:
             self._pending.pop(cid, None)
+
+
+@functools.cache
+def _may_be_large(cls: type) -> bool:
+    """Whether a message type carries tensors or file bytes (those are encoded in a thread)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return any("ndarray" in str(t) or "bytes" in str(t) for t in hints.values())
 
 
 @functools.cache

@@ -235,15 +235,28 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
     if v > PROTOCOL_VERSION:
         raise CodecError(f"protocol version {v} is newer than this build's {PROTOCOL_VERSION}")
     cls = REGISTRY[mtype]
+    kwargs = {}
+    for name, required, fast, typ in _plan(cls):
+        if name in header:
+            value = header[name]
+            # the common scalar cases without a call; everything else through _check
+            kwargs[name] = value if fast is not None and type(value) is fast else _check(value, typ, name)
+        elif required:
+            raise CodecError(f"{mtype}: missing required field {name!r}")
+    return cls(**kwargs)
+
+
+@cache
+def _plan(cls: type) -> tuple[tuple[str, bool, type | None, Any], ...]:
+    """Per field: name, required, the exact type accepted without further checks, the type hint."""
     required, fields = _required(cls)
     hints = _hints(cls)
-    kwargs = {}
+    out = []
     for f in fields:
-        if f.name in header:
-            kwargs[f.name] = _check(header[f.name], hints[f.name], f.name)
-        elif f.name in required:
-            raise CodecError(f"{mtype}: missing required field {f.name!r}")
-    return cls(**kwargs)
+        typ = hints[f.name]
+        fast = typ if typ in (str, int, bool, float) else None
+        out.append((f.name, f.name in required, fast, typ))
+    return tuple(out)
 
 
 def peek_type(data: bytes | memoryview) -> str | None:
