@@ -50,6 +50,7 @@ TOTAL = metrics.histogram("gateway_generation_seconds", "Time from request to th
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 WS_SESSIONS = metrics.gauge("gateway_ws_sessions", "Open WebSocket sessions.")
 REFUSED = metrics.counter("gateway_refused_total", "Requests refused at the door, by reason.", ("reason",))
+FEEDBACK = metrics.counter("gateway_feedback_total", "Player feedback published as experience, by sign.", ("sign",))
 CONSUMERS = metrics.gauge("gateway_live_consumers", "Inference consumers heard from within CONSUMER_STALE_S.")
 
 
@@ -262,11 +263,19 @@ class Gateway:
             log.warning("could not publish cancel", request_id=request_id, error=f"{type(e).__name__}: {e}")
 
     # experience ----------------------------------------------------------------------------
-    def publish_experience(self, *, npc: dict, final: FinalResponse, session_id: str = "", player_id: str = "") -> None:
+    def experience(self, *, npc: dict, final: FinalResponse, session_id: str = "", player_id: str = "",
+                   turn_id: str = "", score: float | None = None, thumbs: str = "") -> Experience:
+        return Experience(experience_id=new_id(), adapter=final.adapter or "", npc=npc, response=final.response,
+                          adapter_version=final.adapter_version, score=score, session_id=session_id,
+                          player_id=player_id, turn_id=turn_id, request_id=final.request_id, valid=bool(final.valid),
+                          thumbs=thumbs)
+
+    def publish_experience(self, *, npc: dict, final: FinalResponse, session_id: str = "", player_id: str = "",
+                           turn_id: str = "") -> None:
+        """A finished turn as experience (no score yet), in the background; best effort."""
         if not self.settings.publish_experience or final.response is None or self.bus is None:
             return
-        exp = Experience(experience_id=new_id(), adapter=final.adapter or "", npc=npc, response=final.response,
-                         adapter_version=final.adapter_version, session_id=session_id, player_id=player_id)
+        exp = self.experience(npc=npc, final=final, session_id=session_id, player_id=player_id, turn_id=turn_id)
 
         async def send() -> None:
             try:
@@ -276,3 +285,18 @@ class Gateway:
                             error=f"{type(e).__name__}: {e}")
 
         self.spawn(send(), name="experience")
+
+    async def publish_feedback(self, exp: Experience) -> None:
+        """A turn with the player's score as experience, confirmed by the broker (GatewayError if not)."""
+        bus = self.bus
+        if bus is None or not bus.connected:
+            raise GatewayError("unavailable", "the gateway is not connected to the broker; retry shortly",
+                               status=503, retryable=True, retry_after_s=2.0)
+        try:
+            await bus.publish(bus.topology.experience_exchange, RK_EXPERIENCE, exp)
+        except BusError as e:
+            raise GatewayError("unavailable", f"the feedback was not recorded: {e}", status=503, retryable=True,
+                               retry_after_s=2.0) from None
+        FEEDBACK.labels("up" if (exp.score or 0) > 0 else ("down" if (exp.score or 0) < 0 else "neutral")).inc()
+        log.info("feedback published", experience_id=exp.experience_id, turn_id=exp.turn_id, adapter=exp.adapter,
+                 version=exp.adapter_version, score=exp.score)

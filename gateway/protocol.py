@@ -20,9 +20,9 @@ PROTOCOL_VERSION = 1
 SUBPROTOCOL = "npcbus.v1"
 BEARER_PREFIX = "bearer."
 
-CLIENT_TYPES = ("session.start", "turn", "turn.cancel", "context.update", "ping", "session.end")
+CLIENT_TYPES = ("session.start", "turn", "turn.cancel", "turn.feedback", "context.update", "ping", "session.end")
 SERVER_TYPES = ("session.started", "turn.accepted", "turn.delta", "turn.final", "turn.error", "turn.cancelled",
-                "context.updated", "pong", "session.ended", "error")
+                "turn.feedback.accepted", "context.updated", "pong", "session.ended", "error")
 
 # close codes (see the schema's x-close-codes)
 CLOSE_NORMAL = 1000

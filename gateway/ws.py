@@ -80,6 +80,7 @@ class Session:
     generation: dict
     history: deque
     done: OrderedDict = field(default_factory=OrderedDict)   # turn id -> its turn.final event
+    rated: OrderedDict = field(default_factory=OrderedDict)  # turn id -> [npc request, final, feedback given]
     active: dict = field(default_factory=dict)              # turn id -> Turn (queued or running)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     conn: Connection | None = None
@@ -110,6 +111,11 @@ class Session:
         self.done[turn_id] = event
         while len(self.done) > limit:
             self.done.popitem(last=False)
+
+    def remember_for_feedback(self, turn_id: str, npc: dict, final: FinalResponse, limit: int) -> None:
+        self.rated[turn_id] = [npc, final, False]
+        while len(self.rated) > limit:
+            self.rated.popitem(last=False)
 
     def cancel_turns(self) -> list[str]:
         ids = list(self.active)
@@ -210,6 +216,8 @@ class Connection:
             await self.on_turn(sess, msg)
         elif mtype == "turn.cancel":
             await self.on_cancel(sess, msg["turn_id"])
+        elif mtype == "turn.feedback":
+            await self.on_feedback(sess, msg)
         elif mtype == "context.update":
             merged = merge_context(sess.context, msg["context"], replace=bool(msg.get("replace")))
             problem = context_errors(merged)
@@ -335,6 +343,33 @@ class Connection:
         await self.send({"type": "turn.cancelled", "turn_id": tid})
         log.info("turn cancelled by the client", session_id=sess.id, turn_id=tid, request_id=turn.request_id)
 
+    async def on_feedback(self, sess: Session, msg: dict) -> None:
+        """The player's thumbs or score on a finished turn, published as experience."""
+        gw = self.gw
+        tid = msg["turn_id"]
+        if not gw.settings.publish_experience:
+            raise ProtocolError("feedback_disabled", "this gateway does not record feedback (PUBLISH_EXPERIENCE is off)",
+                                turn_id=tid)
+        entry = sess.rated.get(tid)
+        if entry is None:
+            raise ProtocolError("unknown_turn", f"turn {tid!r} is not a finished turn of this session", turn_id=tid)
+        npc, final, given = entry
+        if given:
+            raise ProtocolError("duplicate_feedback", f"turn {tid!r} already has feedback", turn_id=tid)
+        thumbs = msg.get("thumbs", "")
+        score = float(msg["score"]) if "score" in msg else (1.0 if thumbs == "up" else -1.0)
+        exp = gw.experience(npc=npc, final=final, session_id=sess.id, player_id=sess.player.get("id", ""),
+                            turn_id=tid, score=score, thumbs=thumbs)
+        entry[2] = True
+        try:
+            await gw.publish_feedback(exp)
+        except GatewayError as e:
+            entry[2] = False
+            raise ProtocolError(e.code, e.message, turn_id=tid, retryable=e.retryable) from None
+        await self.send({"type": "turn.feedback.accepted", "turn_id": tid, "score": score,
+                         "experience_id": exp.experience_id, "adapter": final.adapter,
+                         "adapter_version": final.adapter_version})
+
     async def run_turn(self, sess: Session, turn: Turn, msg: dict) -> None:
         gw = self.gw
         tid = turn.turn_id
@@ -390,7 +425,10 @@ class Connection:
                 if sess.history.maxlen:
                     sess.history.append({"role": "player", "text": msg["text"]})
                     sess.history.append({"role": "npc", "text": final.response.get("dialogue", "")})
-                gw.publish_experience(npc=npc, final=final, session_id=sess.id, player_id=sess.player.get("id", ""))
+                gw.publish_experience(npc=npc, final=final, session_id=sess.id, player_id=sess.player.get("id", ""),
+                                      turn_id=tid)
+                if gw.settings.publish_experience:
+                    sess.remember_for_feedback(tid, npc, final, gw.settings.turn_cache)
                 await sess.send(event)
                 log.info("turn done", session_id=sess.id, turn_id=tid, request_id=turn.request_id,
                          adapter=final.adapter, version=final.adapter_version, total_ms=event["timings"]["total_ms"])

@@ -14,13 +14,15 @@ import sys
 
 # command path -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("run",): ("npcbus.stack", "Run the whole system locally: gateway, inference consumer, aggregator, training worker."),
+    ("run",): ("npcbus.stack", "Run the services of compose.yaml as local processes (the whole system, no Docker needed)."),
     ("model", "init"): ("npcbus.model_cli", "Build the offline default model (tokenizer + small Llama) with no network."),
     ("train",): ("workers.train_cli", "Fine-tune a LoRA adapter locally on a data set."),
     ("task", "publish"): ("workers.task_cli", "Publish training tasks for an adapter."),
     ("worker", "train"): ("workers.train_worker", "Run a training worker: tasks in, LoRA deltas out."),
     ("worker", "infer"): ("workers.infer_worker", "Run an inference consumer: generation requests in, token streams out."),
     ("aggregator",): ("aggregator.service", "Run the aggregator: rounds over deltas, new adapter versions."),
+    ("loop",): ("aggregator.loop", "Run the feedback loop: accepted experience in, training tasks out."),
+    ("broker",): ("npcbus.broker_setup", "Broker definitions: a user per role, permissions, policies."),
     ("gateway",): ("gateway.app", "Run the gateway: WebSocket NPC chat, HTTP and OpenAI-compatible API."),
     ("data", "build"): ("npcbus.data.build", "Build a cleaned, deduplicated data set from a weighted mix of sources."),
     ("data", "npc"): ("npcbus.data.npc", "Validate, deduplicate and split NPC dialogue records."),

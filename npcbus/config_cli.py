@@ -16,9 +16,11 @@ SETTINGS_CLASSES = [
     "workers.infer_worker:InferSettings",
     "workers.train_worker:TrainWorkerSettings",
     "aggregator.service:AggregatorSettings",
+    "aggregator.loop:LoopSettings",
     "npcbus.adapters:AdapterToolSettings",
     "gateway.settings:GatewaySettings",
     "npcbus.stack:StackSettings",
+    "npcbus.broker_setup:BrokerSetupSettings",
 ]
 
 
@@ -46,7 +48,7 @@ def run(args) -> int:
         return 0
     seen = set()
     for cls in classes:
-        for env, default, who, help_ in docs_rows(cls):
+        for env, default, _who, help_ in docs_rows(cls):
             if env in seen:
                 continue
             seen.add(env)

@@ -244,7 +244,11 @@ class ConsumerHeartbeat(Message):
 @register("experience")
 @dataclass
 class Experience(Message):
-    """A finished conversation turn, with player feedback when there is some."""
+    """A finished conversation turn, with player feedback when there is some.
+
+    ``score`` (-1 bad .. 1 good) is None for a turn published when it finished, before any
+    feedback; a turn's feedback is published as another experience with the score set (same
+    ``turn_id`` and ``request_id``, a new ``experience_id``)."""
 
     experience_id: str
     adapter: str
@@ -255,6 +259,10 @@ class Experience(Message):
     session_id: str = ""
     player_id: str = ""
     created_at: float = field(default_factory=time.time)
+    turn_id: str = ""
+    request_id: str = ""
+    valid: bool = True   # the response passed the output checks (not a fallback line)
+    thumbs: str = ""     # "up" / "down" when the score came from thumbs
 
 
 # --------------------------------------------------------------------------------------------

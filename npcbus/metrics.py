@@ -42,9 +42,13 @@ def histogram(name: str, doc: str, labels: tuple[str, ...] = (), buckets=None) -
     return _get(Histogram, name, doc, labels, **kw)
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1") -> None:
-    """Serve /metrics on ``port`` (no-op for port 0)."""
+def start_metrics_server(port: int, addr: str | None = None) -> None:
+    """Serve /metrics on ``port`` (no-op for port 0), on ``addr`` (default: ``METRICS_HOST``)."""
     if port:
+        if addr is None:
+            from npcbus.settings import BusSettings
+
+            addr = BusSettings.from_env().metrics_host
         start_http_server(port, addr=addr)
 
 
@@ -59,3 +63,5 @@ CONSUMED = counter("bus_consumed_total", "Messages consumed, by message type and
 DEAD_LETTERED = counter("bus_dead_lettered_total", "Messages rejected to the dead-letter exchange, by reason code.",
                         ("queue", "reason"))
 HANDLER_SECONDS = histogram("bus_handler_seconds", "Time spent in message handlers.", ("queue",))
+BUS_CONNECTED = gauge("bus_connected", "1 while the bus client's broker connection is up, by client name.", ("client",))
+SERVICE_READY = gauge("service_ready", "1 once a service has started and is serving (see npcbus.health).", ("service",))

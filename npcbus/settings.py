@@ -199,6 +199,8 @@ class BusSettings(Settings):
                                check_msg="must be debug, info, warning or error")
     metrics_port: int = env_field("METRICS_PORT", 0, "Port of a Prometheus /metrics endpoint for workers and the aggregator (0: none).",
                                   check=_nonneg, check_msg="must be >= 0")
+    metrics_host: str = env_field("METRICS_HOST", "127.0.0.1",
+                                  "Address the /metrics endpoint of workers and the aggregator listens on (`0.0.0.0` in containers).")
 
 
 @dataclass

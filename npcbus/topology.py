@@ -13,7 +13,7 @@ exchange                    type      purpose
 ``NS.gen``                  direct    ``<model id>`` -> ``NS.gen.<model id>`` (generation requests)
 ``NS.cancel``               fanout    cancel messages; every inference consumer listens
 ``NS.events``               fanout    consumer heartbeats (the gateway's health uses them)
-``NS.experience``           direct    ``experience`` -> ``NS.experience`` (finished turns, feedback)
+``NS.experience``           direct    ``experience`` -> ``NS.experience.pending`` (finished turns, feedback)
 ``NS.dlx``                  topic     dead letters of every queue -> ``NS.dead``
 ==========================  ========  ==========================================================
 
@@ -168,7 +168,9 @@ class Topology:
 
     @property
     def experience_queue(self) -> QueueSpec:
-        return self._quorum("experience", ((self.experience_exchange, RK_EXPERIENCE),))
+        # not named like its exchange: RabbitMQ's permissions are regexes over names, and a queue
+        # named like an exchange would share its configure/read rights
+        return self._quorum("experience.pending", ((self.experience_exchange, RK_EXPERIENCE),))
 
     @property
     def fetch_queue(self) -> QueueSpec:

@@ -160,6 +160,7 @@
         meta.textContent = ev.response.emotion + " · " + ev.response.intent + " · " + who +
           " · first token " + fmt(ev.timings.ttft_ms) + " · total " + fmt(ev.timings.total_ms);
         b.appendChild(meta);
+        if (!ev.replay) b.appendChild(feedbackButtons(ev.turn_id));
         el.finalJson.textContent = JSON.stringify(ev.response, null, 2);
         el.timings.textContent = JSON.stringify({ adapter: ev.adapter, adapter_version: ev.adapter_version, valid: ev.valid, ...ev.timings }, null, 2);
         document.body.dataset.finals = String(Number(document.body.dataset.finals) + 1);
@@ -179,12 +180,46 @@
         turnEnded(ev.turn_id);
         break;
       }
+      case "turn.feedback.accepted": {
+        const b = bubbles.get(ev.turn_id);
+        const box = b && b.querySelector(".feedback");
+        if (box) {
+          box.textContent = (ev.score > 0 ? "👍" : "👎") + " recorded for " +
+            (ev.adapter ? ev.adapter + (ev.adapter_version != null ? " v" + ev.adapter_version : "") : "the base model");
+          box.dataset.state = "recorded";
+        }
+        break;
+      }
       case "error":
+        if (ev.turn_id && ["feedback_disabled", "duplicate_feedback", "unavailable"].includes(ev.code)) {
+          const b = bubbles.get(ev.turn_id);
+          const box = b && b.querySelector(".feedback");
+          if (box && ev.code === "unavailable") box.querySelectorAll("button").forEach((x) => { x.disabled = false; });
+        }
         addLine("error", ev.code + ": " + ev.message);
         break;
       default:
         break;
     }
+  }
+
+  function feedbackButtons(turnId) {
+    const box = document.createElement("span");
+    box.className = "feedback";
+    for (const [thumbs, label] of [["up", "👍"], ["down", "👎"]]) {
+      const btn = document.createElement("button");
+      btn.type = "button";
+      btn.textContent = label;
+      btn.title = "rate this answer (" + thumbs + "): it becomes training data for the NPC's adapter";
+      btn.dataset.thumbs = thumbs;
+      btn.addEventListener("click", () => {
+        if (!ws || ws.readyState !== WebSocket.OPEN) return;
+        box.querySelectorAll("button").forEach((x) => { x.disabled = true; });
+        ws.send(JSON.stringify({ type: "turn.feedback", turn_id: turnId, thumbs: thumbs }));
+      });
+      box.appendChild(btn);
+    }
+    return box;
   }
 
   function fmt(ms) { return ms == null ? "–" : Math.round(ms) + " ms"; }
