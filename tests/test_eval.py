@@ -199,7 +199,7 @@ def test_mc_picks_planted_answers_after_training(base, model_dir, tmp_path, caps
     before = E.multiple_choice(model, tok, items)
     assert before["acc"] < 0.75  # an arbitrary planted answer: the base model cannot know it
 
-    cfg = TrainConfig(rank=16, alpha=32, dropout=0.0, learning_rate=3e-3, max_steps=12, batch_size=12,
+    cfg = TrainConfig(rank=16, alpha=32, dropout=0.0, learning_rate=5e-3, max_steps=24, batch_size=12,
                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                       lr_schedule="constant")
     result = train_lora(model, tok, _right_texts(items), cfg)

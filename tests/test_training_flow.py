@@ -368,10 +368,11 @@ async def test_worker_dead_letters_bad_tasks_and_trains_good_ones(bus, bus_setti
         bad_hp = build_tasks(ADAPTER, examples=ex, steps=1, hyperparams={"not_a_knob": 3})[0]
         ok = build_tasks(ADAPTER, examples=ex * 3, steps=2)[0]
         await publish_task_messages(bus, [expired, missing, bad_hp, ok])
-        dead = await read_queue(bus, bus.topology.dead_queue.name, 3, timeout=20)
+        # generous timeouts: on a loaded 2-core machine the worker may take a while to start
+        dead = await read_queue(bus, bus.topology.dead_queue.name, 3, timeout=90)
         codes = {decode(m.body).task_id: m.headers[H_REJECT_CODE] for m in dead}
         assert codes == {expired.task_id: "expired", missing.task_id: "bad_data", bad_hp.task_id: "bad_hyperparams"}
-        end = time.monotonic() + 20
+        end = time.monotonic() + 60
         while agg.adapters[ADAPTER].state.version < 1 and time.monotonic() < end:
             await asyncio.sleep(0.05)
         st = agg.adapters[ADAPTER].state
