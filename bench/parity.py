@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"v0_loss": round(loss0, 4), "distributed_loss": round(fed_loss, 4),
                       "central_loss": round(central_loss, 4), "distributed_s": round(fed_s, 1),
                       "central_s": round(central_s, 1)}), file=sys.stderr)
-    f = figure("parity.heldout_loss_ratio", fed_loss, central_loss, "<=1.10", v0_loss=round(loss0, 6),
+    figure("parity.heldout_loss_ratio", fed_loss, central_loss, "<=1.10", v0_loss=round(loss0, 6),
                rounds=rounds, workers=WORKERS, local_steps=local, total_steps=total,
                warmup_steps=args.warmup_steps, server_optimizer=opt_config,
                mode="in-process: worker training function + aggregator's streaming weighted mean and server "
