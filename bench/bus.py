@@ -4,7 +4,8 @@
 
 1. Request/reply round trip: ``Bus.request`` (codec, headers, deadline/expiry, sequence handling)
    against a bare aio-pika RPC written here (exclusive callback queue, futures by correlation
-   id, raw bytes). Goal: npcbus p50 at most 1.3x the bare p50.
+   id, raw bytes), one call of each in turn on the same event loop. Goal: npcbus p50 at most
+   1.3x the bare p50.
 2. Confirmed publish throughput: ``Bus.publish_many`` (pipelined confirms) against bare aio-pika
    publishing the same bodies with all confirms in flight at once. Goal: at least 0.8x.
 
@@ -30,70 +31,107 @@ from npcbus.topology import QueueSpec
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-async def npcbus_rpc(ns: str, n: int) -> list[float]:
-    settings = BusSettings.from_env({"AMQP_URL": URL, "NPCBUS_NAMESPACE": ns})
-    server = await Bus(settings, name="bench-server").connect()
-    client = await Bus(settings, name="bench-client").connect()
-    await server.declare_topology(queues=[])
-    spec = server.topology.gen_queue("bench")
+class NpcbusRpc:
+    """Requester and responder on two npcbus clients (two connections), one event loop."""
 
-    async def handler(req, d):
-        await server.reply(d, FinalResponse(req.request_id, 0, "ok"))
+    async def start(self, ns: str) -> NpcbusRpc:
+        settings = BusSettings.from_env({"AMQP_URL": URL, "NPCBUS_NAMESPACE": ns})
+        self.server = await Bus(settings, name="bench-server").connect()
+        self.client = await Bus(settings, name="bench-client").connect()
+        await self.server.declare_topology(queues=[])
+        spec = self.server.topology.gen_queue("bench")
 
-    await server.consume(spec, handler, prefetch=10)
-    await client.reply_queue()
-    lat = []
-    for i in range(n + 20):
-        req = GenerationRequest(f"r{i}", "bench", prompt="hello")
+        async def handler(req, d):
+            await self.server.reply(d, FinalResponse(req.request_id, 0, "ok"))
+
+        await self.server.consume(spec, handler, prefetch=10)
+        await self.client.reply_queue()
+        self.exchange = self.client.topology.gen_exchange
+        self.n = 0
+        return self
+
+    async def call(self) -> float:
+        self.n += 1
+        req = GenerationRequest(f"r{self.n}", "bench", prompt="hello")
         t0 = time.perf_counter()
-        await client.request(client.topology.gen_exchange, "bench", req, timeout=10)
-        if i >= 20:
-            lat.append(time.perf_counter() - t0)
-    await client.close()
-    await server.close()
-    return lat
+        await self.client.request(self.exchange, "bench", req, timeout=10)
+        return time.perf_counter() - t0
+
+    async def stop(self) -> None:
+        await self.client.close()
+        await self.server.close()
 
 
-async def bare_rpc(ns: str, n: int) -> list[float]:
-    conn = await aio_pika.connect_robust(URL)
-    sch = await conn.channel()
-    await sch.set_qos(prefetch_count=10)
-    ex = await sch.declare_exchange(f"{ns}.bare", "direct", auto_delete=True)
-    q = await sch.declare_queue(f"{ns}.bare.rpc", auto_delete=True)
-    await q.bind(ex, "rpc")
-    body = encode(FinalResponse("x", 0, "ok"))
+class BareRpc:
+    """The same round trip in bare aio-pika: requester and responder on two connections, channels
+    with aio-pika's defaults (publisher confirms on), exclusive callback queue, futures by
+    correlation id, raw bytes."""
 
-    async def on_request(m: aio_pika.abc.AbstractIncomingMessage):
-        await sch.default_exchange.publish(
-            aio_pika.Message(body, correlation_id=m.correlation_id), routing_key=m.reply_to)
-        await m.ack()
+    async def start(self, ns: str) -> BareRpc:
+        self.conn = await aio_pika.connect_robust(URL)
+        self.cconn = await aio_pika.connect_robust(URL)
+        sch = await self.conn.channel()
+        await sch.set_qos(prefetch_count=10)
+        ex = await sch.declare_exchange(f"{ns}.bare", "direct", auto_delete=True)
+        q = await sch.declare_queue(f"{ns}.bare.rpc", auto_delete=True)
+        await q.bind(ex, "rpc")
+        body = encode(FinalResponse("x", 0, "ok"))
 
-    await q.consume(on_request)
-    cch = await conn.channel()
-    cq = await cch.declare_queue(exclusive=True)
-    futures: dict[str, asyncio.Future] = {}
+        async def on_request(m: aio_pika.abc.AbstractIncomingMessage):
+            await sch.default_exchange.publish(
+                aio_pika.Message(body, correlation_id=m.correlation_id), routing_key=m.reply_to)
+            await m.ack()
 
-    async def on_reply(m: aio_pika.abc.AbstractIncomingMessage):
-        f = futures.pop(m.correlation_id, None)
-        if f:
-            f.set_result(m.body)
+        await q.consume(on_request)
+        cch = await self.cconn.channel()
+        self.cq = await cch.declare_queue(exclusive=True)
+        self.futures: dict[str, asyncio.Future] = {}
 
-    await cq.consume(on_reply, no_ack=True)
-    cex = await cch.get_exchange(ex.name)
-    req_body = encode(GenerationRequest("r", "bench", prompt="hello"))
-    lat = []
-    loop = asyncio.get_running_loop()
-    for i in range(n + 20):
+        async def on_reply(m: aio_pika.abc.AbstractIncomingMessage):
+            f = self.futures.pop(m.correlation_id, None)
+            if f:
+                f.set_result(m.body)
+
+        await self.cq.consume(on_reply, no_ack=True)
+        self.cex = await cch.get_exchange(ex.name)
+        self.req_body = encode(GenerationRequest("r", "bench", prompt="hello"))
+        return self
+
+    async def call(self) -> float:
         cid = uuid.uuid4().hex
-        fut = loop.create_future()
-        futures[cid] = fut
+        fut = asyncio.get_running_loop().create_future()
+        self.futures[cid] = fut
         t0 = time.perf_counter()
-        await cex.publish(aio_pika.Message(req_body, correlation_id=cid, reply_to=cq.name), routing_key="rpc")
+        await self.cex.publish(aio_pika.Message(self.req_body, correlation_id=cid, reply_to=self.cq.name),
+                               routing_key="rpc")
         await fut
-        if i >= 20:
-            lat.append(time.perf_counter() - t0)
-    await conn.close()
-    return lat
+        return time.perf_counter() - t0
+
+    async def stop(self) -> None:
+        await self.cconn.close()
+        await self.conn.close()
+
+
+async def rpc_latencies(ns: str, n: int) -> tuple[list[float], list[float]]:
+    """Paired measurement: one npcbus call and one bare call in turn (the order alternating), so
+    that machine noise falls on both sides alike."""
+    ours, bare = await NpcbusRpc().start(ns), await BareRpc().start(ns)
+    try:
+        for _ in range(50):  # warm-up
+            await ours.call()
+            await bare.call()
+        lo, lb = [], []
+        for i in range(n):
+            if i % 2:
+                lo.append(await ours.call())
+                lb.append(await bare.call())
+            else:
+                lb.append(await bare.call())
+                lo.append(await ours.call())
+        return lo, lb
+    finally:
+        await ours.stop()
+        await bare.stop()
 
 
 async def npcbus_throughput(ns: str, n: int) -> float:
@@ -141,8 +179,9 @@ async def run(quick: bool) -> None:
     bare_tp: list[float] = []
     # interleave the two sides so that machine noise hits both alike
     for r in range(rounds):
-        bare_lat += await bare_rpc(f"{ns}-{r}", n_rpc // rounds)
-        ours_lat += await npcbus_rpc(f"{ns}-{r}", n_rpc // rounds)
+        lo, lb = await rpc_latencies(f"{ns}-{r}", n_rpc // rounds)
+        ours_lat += lo
+        bare_lat += lb
         bare_tp.append(await bare_throughput(f"{ns}-{r}", n_pub // rounds))
         ours_tp.append(await npcbus_throughput(f"{ns}-{r}", n_pub // rounds))
     p50o, p50b = percentile(ours_lat, 0.5) * 1000, percentile(bare_lat, 0.5) * 1000

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 from referencing import Registry, Resource
 
-from npcbus.npc import load_schema
+from npcbus.npc import describe_schema_error, load_schema
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "npcbus.v1"
@@ -95,38 +95,9 @@ def validator(definition: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(ref, registry=registry())
 
 
-def _field_path(parts) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
 def describe(err: jsonschema.ValidationError) -> tuple[str, str]:
     """(field, short message) of a schema error."""
-    path = list(err.absolute_path)
-    v, vv, inst = err.validator, err.validator_value, err.instance
-    if v == "required" and isinstance(inst, dict):
-        missing = [k for k in vv if k not in inst]
-        return _field_path([*path, missing[0] if missing else "?"]), "is required"
-    if v == "additionalProperties" and isinstance(inst, dict):
-        known = set(err.schema.get("properties", {}))
-        extra = [k for k in inst if k not in known]
-        return _field_path([*path, extra[0] if extra else "?"]), "is not a known field"
-    field = _field_path(path) or "message"
-    if v == "type":
-        want = vv if isinstance(vv, str) else " or ".join(vv)
-        return field, f"must be of type {want}, got {type(inst).__name__}"
-    if v == "enum":
-        return field, f"must be one of {', '.join(map(str, vv))}"
-    if v == "const":
-        return field, f"must be {vv!r}"
-    if v == "pattern":
-        return field, "contains characters that are not allowed or has a bad length"
-    if v in ("maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties", "minimum",
-             "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return field, err.message[:160]
-    return field, err.message[:200]
+    return describe_schema_error(err, root="message")
 
 
 def _best(errors: list[jsonschema.ValidationError]) -> jsonschema.ValidationError:

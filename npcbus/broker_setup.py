@@ -4,16 +4,32 @@ The roles and what each may do are derived from :mod:`npcbus.topology`, so the p
 the names the code actually uses. RabbitMQ checks three permissions, each a regular expression over
 exchange and queue names in a vhost:
 
-* **configure**: declare or delete an exchange or queue. Every service declares every exchange
-  (:meth:`npcbus.bus.Bus.declare_topology`) and the queues it consumes.
+* **configure**: declare or delete an exchange or queue. A role may configure only what it owns:
+  the queues it consumes and its per-process (exclusive) queues. The exchanges, the shared queues
+  and their bindings belong to the broker setup: they are in the definitions, loaded by the
+  administrator (``npcbus broker apply``, or the broker at boot), and no role may declare or
+  delete them. A service still calls :meth:`npcbus.bus.Bus.declare_topology`: where its user may
+  not declare a name, it checks that the name exists (a passive declare needs no permission), so
+  the single-user setup (guest, allowed everything) declares everything as before.
 * **write**: publish to an exchange; bind a queue (write on the *queue*, read on the *exchange*).
-  Replies go through the default exchange (``amq.default``).
+  Replies go through ``NS.replies``, where each process binds its exclusive reply queue under the
+  queue's own name: responders (infer, aggregator) may write there, requesters (gateway, infer and
+  train, which fetch adapters) may bind their reply queue to it. No role may write to the default
+  exchange.
 * **read**: consume from a queue; bind a queue to an exchange.
 
 Rejected messages are re-published by the bus to ``NS.dlx``, so every consuming role may write
-there. The bus stamps every message with the connection's user id, which RabbitMQ verifies: the
-aggregator's ``ALLOWED_SENDERS`` lists the training workers' user, so a delta sent by anyone else
-(including through the default exchange) is dead-lettered.
+there. The bus stamps every message with the connection's user id, which RabbitMQ verifies.
+
+Why not the default exchange for replies: publishing to it needs write on ``amq.default`` only,
+never on the queue it routes to (RabbitMQ 3.10 and later; topic permissions apply to topic
+exchanges only), so a user that may reply that way can put a message in *any* queue of the vhost
+by name (tests/test_broker_permissions.py shows it). Through ``NS.replies`` a responder reaches
+reply queues only. On top of the permissions, the consumers of work queues check the
+broker-validated sender: the training worker's ``ALLOWED_TASK_SENDERS`` lists the aggregator's
+user (tasks come from the aggregator, the feedback loop and ``npcbus task publish``), the
+aggregator's ``ALLOWED_SENDERS`` the training workers' user, and a task or delta sent by anyone
+else is dead-lettered with its reason (``unauthorized_sender``).
 
 One definitions document (:func:`definitions`) serves every way of applying it:
 
@@ -102,47 +118,52 @@ def _any(names: list[str]) -> str:
 
 
 def role_permissions(namespace: str) -> dict[str, Permission]:
-    """configure/write/read regexes per role over the namespaced names of :class:`Topology`."""
+    """configure/write/read regexes per role over the namespaced names of :class:`Topology`.
+
+    configure: only what the role owns: the queues it consumes (declared when it starts consuming)
+    and its per-process queues. No role may configure (declare or delete) an exchange, the dead
+    letter queue or a queue another role consumes: the definitions declare them, and
+    :meth:`npcbus.bus.Bus.declare_topology` checks them passively where it may not declare.
+    write: the exchanges the role publishes to, plus the queues it binds (write on the queue).
+    read: the queues it consumes, plus the exchanges its own queues bind to."""
     t = Topology(namespace)
     e = re.escape
 
     def n(suffix: str) -> str:
         return e(t.name(suffix))
 
-    exchanges = [e(x.name) for x in t.exchanges()]
     per_process = {k: n(k) + r"\..+" for k in ("reply", "events", "cancel", "versions", "gen")}
     tasks, deltas, leases = n("train.tasks"), n("train.deltas"), n("train.leases")
-    experience, fetch_q, dead = n("experience.pending"), n("fetch.adapter"), n("dead")
-    default_ex = r"amq\.default"
+    experience, fetch_q = n("experience.pending"), n("fetch.adapter")
     x = {k: e(getattr(t, k)) for k in ("train_exchange", "versions_exchange", "fetch_exchange", "gen_exchange",
-                                        "cancel_exchange", "events_exchange", "experience_exchange", "dlx")}
+                                        "cancel_exchange", "events_exchange", "experience_exchange",
+                                        "replies_exchange", "dlx")}
     gateway = Permission(
-        configure=_any(exchanges + [experience, per_process["reply"], per_process["events"]]),
-        write=_any([x["gen_exchange"], x["cancel_exchange"], x["experience_exchange"], experience,
-                    per_process["events"], x["dlx"]]),
-        read=_any([per_process["reply"], per_process["events"], x["events_exchange"], x["experience_exchange"]]),
+        configure=_any([per_process["reply"], per_process["events"]]),
+        write=_any([x["gen_exchange"], x["cancel_exchange"], x["experience_exchange"], x["dlx"],
+                    per_process["events"], per_process["reply"]]),
+        read=_any([per_process["reply"], per_process["events"], x["events_exchange"], x["replies_exchange"]]),
     )
     infer = Permission(
-        configure=_any(exchanges + [dead, per_process["gen"], per_process["reply"], per_process["cancel"],
-                                    per_process["versions"]]),
-        write=_any([default_ex, x["events_exchange"], x["fetch_exchange"], x["dlx"], dead, per_process["gen"],
-                    per_process["cancel"], per_process["versions"]]),
+        configure=_any([per_process["gen"], per_process["reply"], per_process["cancel"], per_process["versions"]]),
+        # replies go through NS.replies (reply queues only), never the default exchange
+        write=_any([x["replies_exchange"], x["events_exchange"], x["fetch_exchange"], x["dlx"], per_process["gen"],
+                    per_process["cancel"], per_process["versions"], per_process["reply"]]),
         read=_any([per_process["gen"], per_process["reply"], per_process["cancel"], per_process["versions"],
-                   x["gen_exchange"], x["cancel_exchange"], x["versions_exchange"], x["dlx"]]),
+                   x["gen_exchange"], x["cancel_exchange"], x["versions_exchange"], x["replies_exchange"]]),
     )
     train = Permission(
-        configure=_any(exchanges + [tasks, deltas, leases, per_process["reply"], per_process["versions"]]),
-        write=_any([x["train_exchange"], x["fetch_exchange"], x["dlx"], tasks, deltas, leases,
-                    per_process["versions"]]),
+        configure=_any([tasks, per_process["reply"], per_process["versions"]]),
+        write=_any([x["train_exchange"], x["fetch_exchange"], x["dlx"], tasks, per_process["versions"],
+                    per_process["reply"]]),
         read=_any([tasks, per_process["reply"], per_process["versions"], x["train_exchange"],
-                   x["versions_exchange"]]),
+                   x["versions_exchange"], x["replies_exchange"]]),
     )
-    shared = [tasks, deltas, leases, experience, fetch_q, dead]
+    consumed = [deltas, leases, experience, fetch_q]
     aggregator = Permission(
-        configure=_any(exchanges + shared),
-        write=_any([default_ex, x["train_exchange"], x["versions_exchange"], x["dlx"], *shared]),
-        read=_any([deltas, leases, experience, fetch_q, x["train_exchange"], x["fetch_exchange"],
-                   x["experience_exchange"], x["dlx"]]),
+        configure=_any(consumed),
+        write=_any([x["replies_exchange"], x["train_exchange"], x["versions_exchange"], x["dlx"], *consumed]),
+        read=_any([*consumed, x["train_exchange"], x["fetch_exchange"], x["experience_exchange"]]),
     )
     return {"gateway": gateway, "infer": infer, "train": train, "aggregator": aggregator}
 

@@ -36,9 +36,10 @@ from npcbus import metrics
 from npcbus.chunks import Assembler, split
 from npcbus.codec import CodecError, decode, encode
 from npcbus.logs import get_logger
-from npcbus.messages import Chunk, Message, new_id
+from npcbus.messages import Chunk, Message, ReplyBatch, new_id
 from npcbus.settings import BusSettings
 from npcbus.topology import (
+    H_BATCH_REPLIES,
     H_CHUNK_STREAM,
     H_DEADLINE,
     H_ORIGINAL_EXCHANGE,
@@ -52,6 +53,9 @@ from npcbus.topology import (
 
 log = get_logger("npcbus.bus")
 
+Properties = aiormq.spec.Basic.Properties
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+_TRANSIENT = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
 OFFLOAD_BYTES = 1 << 20  # encode/decode/hash larger payloads in a thread
 
 
@@ -181,6 +185,7 @@ class Consumer:
         self._sweeper: asyncio.Task | None = None
         self.inflight: set[asyncio.Task] = set()
         self.chunk_lock = asyncio.Lock()
+        self.on_malformed: Callable[[Delivery, str], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -207,6 +212,83 @@ class Consumer:
             await self.channel.close()
 
 
+class _ReplyCoalescer:
+    """Replies to one requester queued in the same event-loop turn travel as one broker message.
+
+    An inference consumer streams token deltas for many requests, most of them from the same
+    gateway (one reply queue per requesting process); every broker message costs a socket write
+    and a confirm, so the deltas that become ready together (one engine step, one batching tick)
+    go out as one :class:`~npcbus.messages.ReplyBatch`. Order per requester is kept: a batch is
+    published only after the one before it was confirmed.
+    """
+
+    MAX_ITEMS = 512
+    MAX_BYTES = 1 << 20
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self._open: dict[str, list[tuple[str, bytes, str, asyncio.Future]]] = {}
+        self._sending: dict[str, asyncio.Task] = {}
+
+    def add(self, reply_to: str, correlation_id: str, body: bytes, mtype: str) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        items = self._open.get(reply_to)
+        if items is None:
+            items = self._open[reply_to] = []
+            if reply_to not in self._sending:
+                loop.call_soon(self._flush, reply_to)
+        items.append((correlation_id, body, mtype, fut))
+        return fut
+
+    def _flush(self, reply_to: str) -> None:
+        items = self._open.pop(reply_to, None)
+        if items:
+            self._sending[reply_to] = asyncio.get_running_loop().create_task(self._send(reply_to, items))
+
+    async def _send(self, reply_to: str, items: list) -> None:
+        try:
+            for group in _groups(items, self.MAX_ITEMS, self.MAX_BYTES):
+                try:
+                    if len(group) == 1:
+                        cid, body, mtype, _ = group[0]
+                        await self.bus.publish_bytes(self.bus.topology.replies_exchange, reply_to, body,
+                                                     msg_type=mtype, persistent=False,
+                                                     correlation_id=cid)
+                    else:
+                        await self.bus.publish(self.bus.topology.replies_exchange, reply_to,
+                                               ReplyBatch([[cid, body] for cid, body, _, _ in group]),
+                                               persistent=False)
+                except Exception as e:  # noqa: BLE001 - every waiting sender gets the error
+                    for *_, fut in group:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for *_, fut in group:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            for *_, fut in items:  # cancelled (the bus is closing): nobody may wait forever
+                if not fut.done():
+                    fut.set_exception(BusNotConnected("the reply was not sent: the bus is closing"))
+            del self._sending[reply_to]
+            if reply_to in self._open:  # queued while this batch was on its way
+                self._flush(reply_to)
+
+
+def _groups(items: list, max_items: int, max_bytes: int):
+    group: list = []
+    size = 0
+    for it in items:
+        if group and (len(group) >= max_items or size + len(it[1]) > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(it)
+        size += len(it[1])
+    if group:
+        yield group
+
+
 class Bus:
     """An npcbus client on one robust connection."""
 
@@ -224,7 +306,6 @@ class Bus:
         self._pub: aio_pika.abc.AbstractChannel | None = None
         self._pub_lock = asyncio.Lock()
         self._consumers: list[Consumer] = []
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._reply_queue: str | None = None
         self._reply_consumer: Consumer | None = None
         self._reply_lock = asyncio.Lock()
@@ -235,6 +316,7 @@ class Bus:
         self.reconnects = 0
         self._connected_evt = asyncio.Event()
         self._seq = 0
+        self._coalescer = _ReplyCoalescer(self)
 
     def _next_id(self) -> str:
         # unique per process without a syscall per message (uuid4 reads the OS entropy pool)
@@ -309,16 +391,55 @@ class Bus:
 
     # topology --------------------------------------------------------------------------------
     async def declare_topology(self, *, queues: Iterable[QueueSpec] | None = None) -> None:
-        """Declare every exchange and the shared durable queues (idempotent)."""
+        """Declare every exchange and the shared durable queues (idempotent).
+
+        A role's broker user may configure only what its role owns (:mod:`npcbus.broker_setup`);
+        the exchanges and shared queues come with the broker definitions. Where the broker refuses
+        a declare for lack of configure permission, the name is checked instead (a passive
+        declare, no bindings: the definitions hold them), and every later name is checked first
+        and declared only when missing, so a role's user costs one refused declare per call. A
+        name that is missing and may not be declared raises :class:`BusError`. A user allowed
+        everything (guest: the single-user setup, the tests) declares everything, as before."""
         self._require()
         ch = await self._conn.channel()
+        check_first = False
+
+        async def fresh(old):  # a refused or failed declare closes its channel
+            with contextlib.suppress(Exception):
+                await old.close()
+            return await self._conn.channel()
+
+        async def one(kind: str, name: str, declare, check) -> None:
+            nonlocal ch, check_first
+            if check_first:
+                try:
+                    await check(ch)
+                    return
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    ch = await fresh(ch)
+            try:
+                await declare(ch)
+                return
+            except aiormq.exceptions.ChannelAccessRefused:
+                check_first = True
+                ch = await fresh(ch)
+            try:
+                await check(ch)
+            except aiormq.exceptions.ChannelNotFoundEntity as e:
+                raise BusError(f"{kind} {name!r} does not exist and broker user {self.user!r} may not declare it: "
+                               "apply the broker definitions first (npcbus broker apply)") from e
+
         try:
             for ex in self.topology.exchanges():
-                await ch.declare_exchange(ex.name, ex.type, durable=ex.durable)
+                await one("exchange", ex.name,
+                          lambda c, ex=ex: c.declare_exchange(ex.name, ex.type, durable=ex.durable),
+                          lambda c, ex=ex: c.declare_exchange(ex.name, passive=True))
             for q in self.topology.shared_queues() if queues is None else queues:
-                await self._declare_queue(ch, q)
+                await one("queue", q.name, lambda c, q=q: self._declare_queue(c, q),
+                          lambda c, q=q: c.declare_queue(q.name, passive=True))
         finally:
-            await ch.close()
+            with contextlib.suppress(Exception):
+                await ch.close()
 
     async def declare_queue(self, spec: QueueSpec) -> None:
         self._require()
@@ -364,56 +485,52 @@ class Bus:
                             mandatory: bool = True, priority: int | None = None) -> None:
         self._require()
         hdrs = dict(headers) if headers else {}
+        expiration = None
         if deadline is not None:
             # as text: AMQP tables carry Python floats as 32-bit floats, which put a unix time up to a minute off
             hdrs[H_DEADLINE] = repr(float(deadline))
-        expiration = None
-        if deadline is not None:
             remaining = deadline - time.time()
             if remaining <= 0:
                 raise BusTimeout("deadline already passed; not published")
-            expiration = max(1, int(remaining * 1000)) / 1000.0
-        common = dict(
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
-            correlation_id=correlation_id, reply_to=reply_to, user_id=self.user, expiration=expiration,
-            priority=priority,
-        )
+            expiration = str(max(1, int(remaining * 1000)))
+        mode = _PERSISTENT if persistent else _TRANSIENT
         if len(body) <= self.settings.chunk_bytes:
-            m = aio_pika.Message(body, headers=hdrs or None, message_id=message_id or self._next_id(), **common)
-            await self._publish_raw(exchange, routing_key, m, mandatory)
+            props = Properties(delivery_mode=mode, correlation_id=correlation_id, reply_to=reply_to,
+                               user_id=self.user, expiration=expiration, priority=priority,
+                               headers=hdrs or None, message_id=message_id or self._next_id())
+            await self._publish_raw(exchange, routing_key, body, props, mandatory)
         else:
             chunks = await asyncio.to_thread(split, body, self.settings.chunk_bytes)
             sid = chunks[0].stream_id
-            msgs = []
+            pieces = []
             for ch in chunks:
                 h = dict(hdrs)
                 h[H_CHUNK_STREAM] = sid
-                cb = encode(ch)
-                msgs.append(aio_pika.Message(cb, headers=h, message_id=f"{message_id or sid}:{ch.index}", **common))
-            await asyncio.gather(*(self._publish_raw(exchange, routing_key, m, mandatory) for m in msgs))
+                props = Properties(delivery_mode=mode, correlation_id=correlation_id, reply_to=reply_to,
+                                   user_id=self.user, expiration=expiration, priority=priority,
+                                   headers=h, message_id=f"{message_id or sid}:{ch.index}")
+                pieces.append((encode(ch), props))
+            await asyncio.gather(*(self._publish_raw(exchange, routing_key, b, p, mandatory) for b, p in pieces))
         _published(msg_type or "raw").inc()
 
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        ex = self._exchanges.get(name)
-        if ex is None:
-            if name == "":
-                ex = self._pub.default_exchange
-            else:
-                ex = await self._pub.get_exchange(name, ensure=False)
-            self._exchanges[name] = ex
-        return ex
-
-    async def _publish_raw(self, exchange: str, routing_key: str, m: aio_pika.Message, mandatory: bool) -> None:
+    async def _publish_raw(self, exchange: str, routing_key: str, body: bytes, props: Properties,
+                           mandatory: bool) -> None:
+        """Publish on the confirming channel and wait for the broker's confirm (retrying across a
+        reconnect until ``publish_timeout_s``). Goes to aio-pika's AMQP layer (aiormq) directly:
+        the message properties are built once, without an intermediate ``aio_pika.Message``."""
         deadline = time.monotonic() + self.publish_timeout_s
         delay = 0.05
         while True:
             try:
-                ex = await self._exchange(exchange)
-                await ex.publish(m, routing_key=routing_key, mandatory=mandatory, timeout=self.publish_timeout_s)
+                if self._pub.is_closed:
+                    raise aiormq.exceptions.ChannelInvalidStateError("the publishing channel is closed")
+                ch = await self._pub.get_underlay_channel()
+                await ch.basic_publish(body, exchange=exchange, routing_key=routing_key, properties=props,
+                                               mandatory=mandatory, timeout=self.publish_timeout_s)
                 return
-            except aio_pika.exceptions.PublishError as e:
+            except aiormq.exceptions.PublishError as e:
                 raise Unroutable(f"no queue bound for {exchange!r}/{routing_key!r}") from e
-            except aio_pika.exceptions.DeliveryError as e:
+            except aiormq.exceptions.DeliveryError as e:
                 raise Overloaded(f"broker refused the message for {exchange!r}/{routing_key!r} (queue full)") from e
             except aiormq.exceptions.ChannelNotFoundEntity as e:
                 raise Unroutable(f"exchange {exchange!r} does not exist") from e
@@ -428,7 +545,6 @@ class Bus:
                 if self._pub is None or self._pub.is_closed:
                     with contextlib.suppress(Exception):
                         await self._pub.reopen()
-                self._exchanges.pop(exchange, None)
 
     async def publish_many(self, exchange: str, routing_key: str, msgs: Iterable[Message], **kw) -> None:
         """Publish several messages with pipelined confirms (all in flight, then all awaited)."""
@@ -436,8 +552,13 @@ class Bus:
 
     # consuming -------------------------------------------------------------------------------
     async def consume(self, spec: QueueSpec, handler: Handler, *, prefetch: int | None = None,
-                      no_ack: bool = False, declare: bool = True, exclusive: bool = False) -> Consumer:
+                      no_ack: bool = False, declare: bool = True, exclusive: bool = False,
+                      on_malformed: Callable[[Delivery, str], Awaitable[None]] | None = None) -> Consumer:
         """Consume ``spec`` (declared first unless ``declare`` is false) with ``handler``.
+
+        A message that does not decode never reaches ``handler``: it is dead-lettered with the
+        reason, after ``on_malformed(delivery, reason)`` is awaited (e.g. to answer the requester
+        named by its reply-to and correlation id; its errors are logged, never raised).
 
         Each consumer has its own channel so prefetch is per consumer. A consumer that may receive
         chunked payloads needs a prefetch above the number of pieces of its largest payload.
@@ -450,6 +571,7 @@ class Bus:
         else:
             q = await ch.get_queue(spec.name, ensure=True)
         c = Consumer(self, spec, q, ch, handler)
+        c.on_malformed = on_malformed
 
         async def on_message(m: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
@@ -511,6 +633,11 @@ class Bus:
             log.warning("malformed message; dead-lettering", queue=c.name, message_id=delivery.message_id,
                         reason=str(e))
             metrics.CONSUMED.labels("unknown", "malformed").inc()
+            if c.on_malformed is not None:
+                try:
+                    await c.on_malformed(delivery, f"malformed message: {e}")
+                except Exception as he:  # noqa: BLE001 - the message is dead-lettered all the same
+                    log.warning("on_malformed hook failed", queue=c.name, error=f"{type(he).__name__}: {he}")
             if not no_ack:
                 await self.settle(delivery, Reject(f"malformed message: {e}", "malformed"))
             return
@@ -565,9 +692,9 @@ class Bus:
                 h = dict(r.headers or {})
                 h.update({H_REJECT_REASON: reason[:1000], H_REJECT_CODE: code, H_ORIGINAL_QUEUE: queue,
                           H_ORIGINAL_EXCHANGE: r.exchange or "", H_ORIGINAL_ROUTING_KEY: r.routing_key or ""})
-                m = aio_pika.Message(r.body, headers=h, message_id=r.message_id, correlation_id=r.correlation_id,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=self.user)
-                await self._publish_raw(self.topology.dlx, suffix, m, mandatory=False)
+                props = Properties(headers=h, message_id=r.message_id, correlation_id=r.correlation_id,
+                                   delivery_mode=_PERSISTENT, user_id=self.user)
+                await self._publish_raw(self.topology.dlx, suffix, r.body, props, mandatory=False)
             for r in raws:
                 with contextlib.suppress(Exception):
                     await r.ack()
@@ -590,20 +717,57 @@ class Bus:
         return self._reply_queue
 
     async def _on_reply(self, msg: Message, d: Delivery) -> Outcome:
+        if type(msg) is ReplyBatch:
+            for item in msg.items:
+                try:
+                    cid, frame = item
+                    inner = decode(frame)
+                    if type(inner) is ReplyBatch:
+                        raise ValueError("nested reply batch")
+                except (CodecError, TypeError, ValueError) as e:
+                    log.warning("malformed item in a reply batch; skipped", message_id=d.message_id,
+                                error=f"{type(e).__name__}: {e}")
+                    continue
+                q = self._pending.get(cid) if isinstance(cid, str) else None
+                if q is not None:
+                    q.put_nowait(inner)
+            return Ack()
         cid = d.correlation_id
         q = self._pending.get(cid or "")
         if q is not None:
             q.put_nowait(msg)
         return Ack()
 
-    async def reply(self, delivery: Delivery, msg: Message, *, mandatory: bool = True) -> None:
-        """Send ``msg`` to the requester of ``delivery`` (its reply-to queue, same correlation id).
+    async def reply(self, delivery: Delivery, msg: Message, *, mandatory: bool = True,
+                    coalesce: bool = False) -> None:
+        """Send ``msg`` to the requester of ``delivery``: through ``NS.replies`` with the request's
+        reply-to queue name as routing key (reply queues are bound there under their own name),
+        with the request's correlation id.
 
-        Raises :class:`Unroutable` when the requester's queue is gone."""
+        With ``coalesce``, and when the requester accepts batched replies (its request carried the
+        ``x-npcbus-batch-replies`` header), replies to the same requester that are sent in the
+        same event-loop turn travel as one :class:`~npcbus.messages.ReplyBatch` message; the call
+        returns once that message is confirmed. Raises :class:`Unroutable` when the requester's
+        queue is gone."""
         if not delivery.reply_to:
             raise Unroutable("the request has no reply-to queue")
-        await self.publish("", delivery.reply_to, msg, persistent=False, correlation_id=delivery.correlation_id,
+        if coalesce and mandatory and delivery.headers.get(H_BATCH_REPLIES):
+            body = encode(msg)
+            if len(body) <= self.settings.chunk_bytes:
+                await self._coalescer.add(delivery.reply_to, delivery.correlation_id or "", body, msg.TYPE)
+                return
+        await self.publish(self.topology.replies_exchange, delivery.reply_to, msg, persistent=False,
+                           correlation_id=delivery.correlation_id,
                            mandatory=mandatory)
+
+    async def reply_many(self, delivery: Delivery, msgs: list[Message], *, coalesce: bool = True) -> None:
+        """Send several replies in order; with ``coalesce`` (and a requester that accepts batched
+        replies) they leave as one message, awaiting one confirm instead of one per reply."""
+        if coalesce and delivery.reply_to and delivery.headers.get(H_BATCH_REPLIES):
+            await asyncio.gather(*(self.reply(delivery, m, coalesce=True) for m in msgs))
+            return
+        for m in msgs:
+            await self.reply(delivery, m)
 
     async def request_stream(self, exchange: str, routing_key: str, msg: Message, *,
                              deadline: float | None = None, timeout: float | None = 30.0,
@@ -624,7 +788,7 @@ class Bus:
         final = is_final or _default_final
         try:
             await self.publish(exchange, routing_key, msg, persistent=persistent, deadline=deadline,
-                               correlation_id=cid, reply_to=reply_to)
+                               correlation_id=cid, reply_to=reply_to, headers=_BATCH_OK)
             expected = 0
             held: dict[int, Message] = {}
             while True:
@@ -675,7 +839,7 @@ class Bus:
         self._pending[cid] = q
         try:
             await self.publish(exchange, routing_key, msg, persistent=persistent, deadline=deadline,
-                               correlation_id=cid, reply_to=reply_to)
+                               correlation_id=cid, reply_to=reply_to, headers=_BATCH_OK)
             if q.empty():
                 try:
                     async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.time())):
@@ -713,6 +877,9 @@ def _consumed(mtype: str, outcome: str):
 @functools.lru_cache(maxsize=1024)
 def _handler_seconds(queue: str):
     return metrics.HANDLER_SECONDS.labels(queue)
+
+
+_BATCH_OK = {H_BATCH_REPLIES: 1}
 
 
 def _default_final(m: Message) -> bool:

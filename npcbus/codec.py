@@ -82,14 +82,19 @@ def encode(msg: Message) -> bytes:
         raise TypeError(f"cannot encode {type(obj).__name__}")
 
     header = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
-    for f in dataclasses.fields(msg):
-        header[f.name] = getattr(msg, f.name)
+    for name in _field_names(type(msg)):
+        header[name] = getattr(msg, name)
     try:
         packed = msgpack.packb(header, default=default, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise CodecError(f"cannot encode {msg.TYPE}: {e}") from e
     prefix = _PREFIX.pack(MAGIC, FRAME_VERSION, 0, len(packed))
     return b"".join([prefix, packed, *blobs])
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 @cache
@@ -240,21 +245,29 @@ def _decode(data: bytes | bytearray | memoryview) -> Message:
         if name in header:
             value = header[name]
             # the common scalar cases without a call; everything else through _check
-            kwargs[name] = value if fast is not None and type(value) is fast else _check(value, typ, name)
+            kwargs[name] = value if type(value) in fast else _check(value, typ, name)
         elif required:
             raise CodecError(f"{mtype}: missing required field {name!r}")
     return cls(**kwargs)
 
 
 @cache
-def _plan(cls: type) -> tuple[tuple[str, bool, type | None, Any], ...]:
-    """Per field: name, required, the exact type accepted without further checks, the type hint."""
+def _plan(cls: type) -> tuple[tuple[str, bool, frozenset, Any], ...]:
+    """Per field: name, required, the exact value types accepted as they are (scalars, bare
+    list/dict, and None for optional fields), the type hint for everything else."""
     required, fields = _required(cls)
     hints = _hints(cls)
+    scalars = (str, int, bool, float, list, dict)  # bare list/dict: any contents
     out = []
     for f in fields:
         typ = hints[f.name]
-        fast = typ if typ in (str, int, bool, float) else None
+        if typ in scalars:
+            fast = frozenset([typ])
+        elif typing.get_origin(typ) in (Union, types.UnionType):
+            args = typing.get_args(typ)
+            fast = frozenset(a for a in args if a in scalars or a is type(None))
+        else:
+            fast = frozenset()
         out.append((f.name, f.name in required, fast, typ))
     return tuple(out)
 

@@ -222,6 +222,21 @@ class Cancel(Message):
     reason: str = "cancelled"
 
 
+@register("reply_batch")
+@dataclass
+class ReplyBatch(Message):
+    """Several replies to one requester in one broker message.
+
+    ``items`` holds ``[correlation_id, frame]`` pairs in order, each ``frame`` an encoded message
+    (token deltas, final responses, errors of different requests). A responder sends these only to
+    requesters whose request carried the ``x-npcbus-batch-replies`` header (``Bus.request`` and
+    ``Bus.request_stream`` set it); the requester's bus unpacks them, so a caller of those methods
+    never sees this type.
+    """
+
+    items: list = field(default_factory=list)
+
+
 @register("consumer_heartbeat")
 @dataclass
 class ConsumerHeartbeat(Message):

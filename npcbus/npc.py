@@ -170,8 +170,9 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe_error(err: jsonschema.ValidationError) -> tuple[str, str]:
-    """(field, message) for a jsonschema error, with the field named and the message short."""
+def describe_schema_error(err: jsonschema.ValidationError, root: str = "request") -> tuple[str, str]:
+    """(field, message) for a jsonschema error, with the field named and the message short;
+    ``root`` names the whole document when the error is at its top."""
     path = list(err.absolute_path)
     v, vv, inst = err.validator, err.validator_value, err.instance
     if v == "required" and isinstance(inst, dict):
@@ -182,7 +183,7 @@ def _describe_error(err: jsonschema.ValidationError) -> tuple[str, str]:
         extra = [k for k in inst if k not in known]
         name = extra[0] if extra else "?"
         return _field_path([*path, name]), "is not a known field"
-    field = _field_path(path) or "request"
+    field = _field_path(path) or root
     if v == "type":
         want = vv if isinstance(vv, str) else " or ".join(vv)
         return field, f"must be of type {want}, got {type(inst).__name__}"
@@ -192,8 +193,12 @@ def _describe_error(err: jsonschema.ValidationError) -> tuple[str, str]:
         return field, f"is longer than {vv} characters"
     if v == "minLength":
         return field, "must not be empty" if vv == 1 else f"is shorter than {vv} characters"
+    if v == "const":
+        return field, f"must be {vv!r}"
     if v == "pattern":
-        return field, f"contains characters that are not allowed (must match {vv})"
+        if len(str(vv)) <= 40:
+            return field, f"contains characters that are not allowed (must match {vv})"
+        return field, "contains characters that are not allowed or has a bad length"
     if v in ("maxItems", "maxProperties"):
         return field, f"has more than {vv} entries"
     if v in ("minItems", "minProperties"):
@@ -234,7 +239,7 @@ def validate_request(obj: Any, *, personas: dict[str, dict] | None = None) -> NP
         raise NPCRequestError("persona", "is required (or give persona_id)")
     err = _first_error(_validator("npc_request"), obj)
     if err is not None:
-        raise NPCRequestError(*_describe_error(err))
+        raise NPCRequestError(*describe_schema_error(err))
 
     req = copy.deepcopy(obj)
     persona = req.get("persona")
@@ -246,7 +251,7 @@ def validate_request(obj: Any, *, personas: dict[str, dict] | None = None) -> NP
         persona = copy.deepcopy(catalog[pid])
         perr = _first_error(_validator("npc_request"), {"persona": persona, "player_input": "x"})
         if perr is not None:
-            field, msg = _describe_error(perr)
+            field, msg = describe_schema_error(perr)
             raise NPCRequestError("persona_id", f"catalog entry {pid!r} is invalid: {field}: {msg}")
     elif "persona_id" in req and req["persona_id"] != persona["id"]:
         raise NPCRequestError("persona_id", f"{req['persona_id']!r} does not match persona.id {persona['id']!r}")
@@ -500,7 +505,7 @@ def format_training_example(record: dict, tokenizer=None) -> tuple[str, str]:
     response = record["response"]
     err = _first_error(jsonschema.Draft202012Validator(response_schema_for(req)), response)
     if err is not None:
-        field, msg = _describe_error(err)
+        field, msg = describe_schema_error(err)
         raise ValueError(f"response.{field}: {msg}" if field != "request" else f"response: {msg}")
     return build_prompt(req, tokenizer), canonical_json(response)
 
@@ -602,7 +607,7 @@ def parse_response(text: str | bytes, request: Any) -> tuple[dict, list[str]]:
     if errors:
         problems = []
         for err in errors[:5]:
-            field, msg = _describe_error(err)
+            field, msg = describe_schema_error(err)
             problems.append(f"invalid: schema: {field if field != 'request' else 'response'}: {msg}")
         return fallback_response(req, "invalid_schema"), problems
     response = {k: value[k] for k in RESPONSE_KEYS}

@@ -11,7 +11,8 @@ services' ``restart: unless-stopped``). Ctrl-C (or SIGTERM) stops them all.
 Secrets that are not set are generated for the run and the ones a person needs are printed:
 ``API_TOKEN`` (when ``REQUIRE_API_TOKEN`` is on) and the broker passwords ``AMQP_PASSWORD_<ROLE>``.
 With ``RUN_BROKER_USERS=false`` every service logs in with ``AMQP_URL`` instead (for a broker where
-``rabbitmqctl`` cannot be run).
+``rabbitmqctl`` cannot be run), and the consumers' sender lists (``ALLOWED_SENDERS``,
+``ALLOWED_TASK_SENDERS``) name that user instead of the role users.
 
 :class:`Supervisor` is the same runner the compose parity, closed-loop and fault tests use.
 """
@@ -32,9 +33,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from npcbus.settings import Settings, env_field
+
+# consumers' lists of the broker users allowed to send to them (compose.yaml names the role users)
+SENDER_LISTS = ("ALLOWED_SENDERS", "ALLOWED_TASK_SENDERS")
 
 
 @dataclass
@@ -374,9 +378,14 @@ def build_plan(settings: StackSettings, variables: Mapping[str, str], *, base_en
     if not settings.broker_users:
         excluded.add("broker-init")
         url = env.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+        user = unquote(urlparse(url).username or "guest")
         for name, svc in svcs.items():
             if "AMQP_URL" in svc.environment:
                 ov.setdefault(name, {})["AMQP_URL"] = url
+            # one user sends everything: the senders the consumers accept are that user
+            for key in SENDER_LISTS:
+                if key in svc.environment:
+                    ov.setdefault(name, {})[key] = user
     return compose.local_plan(svcs, data_dir=settings.data_dir, base_env=env, gateway_port=gateway_port,
                               replicas=replicas, overrides=ov, exclude=tuple(sorted(excluded)))
 

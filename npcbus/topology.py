@@ -1,7 +1,9 @@
 """Broker topology: every exchange and queue name and its arguments, in one place.
 
 Every name is ``<namespace>.<name>`` so that deployments and test runs can share one broker.
-Declaring is idempotent: each service declares what it uses with exactly these arguments.
+Declaring is idempotent: each service declares what it uses with exactly these arguments, or, where
+its broker user may not (a role's user configures only what its role owns), checks that it exists;
+the broker definitions (:mod:`npcbus.broker_setup`) declare the exchanges and shared queues.
 
 ==========================  ========  ==========================================================
 exchange                    type      purpose
@@ -49,6 +51,7 @@ H_ORIGINAL_ROUTING_KEY = "x-npcbus-original-routing-key"
 H_MESSAGE_TYPE = "x-npcbus-type"
 H_CHUNK_STREAM = "x-npcbus-chunk-stream"
 H_DEADLINE = "x-npcbus-deadline"
+H_BATCH_REPLIES = "x-npcbus-batch-replies"  # the requester unpacks reply_batch messages
 
 
 def model_route_key(model: str) -> str:
@@ -126,6 +129,12 @@ class Topology:
         return self.name("experience")
 
     @property
+    def replies_exchange(self) -> str:
+        """Replies: every reply queue is bound here under its own name. Responders publish replies
+        here, never to the default exchange, which would let them route into any queue by name."""
+        return self.name("replies")
+
+    @property
     def dlx(self) -> str:
         return self.name("dlx")
 
@@ -138,6 +147,7 @@ class Topology:
             ExchangeSpec(self.cancel_exchange, "fanout"),
             ExchangeSpec(self.events_exchange, "fanout"),
             ExchangeSpec(self.experience_exchange, "direct"),
+            ExchangeSpec(self.replies_exchange, "direct"),
             ExchangeSpec(self.dlx, "topic"),
         ]
 
@@ -199,8 +209,9 @@ class Topology:
         )
 
     def reply_queue(self, client_id: str) -> QueueSpec:
-        return QueueSpec(self.name(f"reply.{client_id}"), durable=False, exclusive=True, auto_delete=True,
-                         arguments={"x-queue-type": "classic"})
+        name = self.name(f"reply.{client_id}")
+        return QueueSpec(name, durable=False, exclusive=True, auto_delete=True,
+                         arguments={"x-queue-type": "classic"}, bindings=((self.replies_exchange, name),))
 
     def listener_queue(self, kind: str, client_id: str, exchange: str) -> QueueSpec:
         """An exclusive per-process queue bound to a fanout exchange (versions, cancel, events)."""

@@ -21,12 +21,13 @@ from npcbus.bus import (
     Overloaded,
     Reject,
     Retry,
+    Unroutable,
 )
 from npcbus.chunks import Assembler, split
 from npcbus.codec import decode, encode
-from npcbus.messages import Cancel, Chunk, Delta, FinalResponse, GenerationRequest, TokenDelta
+from npcbus.messages import Cancel, Chunk, Delta, FinalResponse, GenerationRequest, ReplyBatch, TokenDelta
 from npcbus.settings import BusSettings
-from npcbus.topology import H_CHUNK_STREAM, H_REJECT_CODE, H_REJECT_REASON, Topology
+from npcbus.topology import H_BATCH_REPLIES, H_CHUNK_STREAM, H_REJECT_CODE, H_REJECT_REASON, Topology
 
 from .conftest import ROOT, delete_namespace
 from .tcp_proxy import TCPProxy
@@ -331,6 +332,126 @@ async def test_request_stream_orders_by_sequence_and_times_out(bus):
                                               GenerationRequest("r2", "silent"), timeout=1.0):
                 pass
         assert time.monotonic() - t0 < 3
+    finally:
+        await server.close()
+
+
+def _count_publishes(b: Bus) -> list[str]:
+    """Record the message type of every broker message ``b`` publishes."""
+    sent: list[str] = []
+    orig = b.publish_bytes
+
+    async def counting(exchange, routing_key, body, **kw):
+        sent.append(decode(body).TYPE if not kw.get("headers") or H_CHUNK_STREAM not in kw["headers"] else "chunk")
+        return await orig(exchange, routing_key, body, **kw)
+
+    b.publish_bytes = counting
+    return sent
+
+
+async def test_coalesced_replies_travel_as_one_batch_and_arrive_in_order(bus):
+    topo = bus.topology
+    server = Bus(bus.settings, name="server")
+    await server.connect()
+    sent = _count_publishes(server)
+    spec = topo.gen_queue("batchy")
+    try:
+        async def handler(req, d):
+            n = int(req.prompt)
+            # three streams' worth of events ready in one loop turn: one broker message
+            await asyncio.gather(*(server.reply(d, TokenDelta(req.request_id, i, f"t{i}"), coalesce=True)
+                                   for i in range(n)))
+            await server.reply(d, FinalResponse(req.request_id, n, "done"), coalesce=True)
+
+        await server.consume(spec, handler)
+        streams = await asyncio.gather(*(
+            _collect(bus.request_stream(topo.gen_exchange, "batchy", GenerationRequest(f"r{k}", "batchy", prompt="6"),
+                                        timeout=10)) for k in range(3)))
+        for got in streams:
+            assert [e.seq for e in got] == list(range(7))
+            assert [e.text for e in got[:-1]] == [f"t{i}" for i in range(6)] and got[-1].text == "done"
+        # 3 x 7 events; every delta of a request left together (a single final goes out alone)
+        assert "reply_batch" in sent
+        assert len(sent) <= 3 * 2, sent
+    finally:
+        await server.close()
+
+
+async def _collect(agen) -> list:
+    return [e async for e in agen]
+
+
+async def test_requester_without_batch_header_gets_plain_replies(bus):
+    """A requester that does not declare ``x-npcbus-batch-replies`` never receives a reply_batch."""
+    topo = bus.topology
+    server = Bus(bus.settings, name="server")
+    await server.connect()
+    spec = topo.gen_queue("plain")
+    conn = await aio_pika.connect(bus.settings.amqp_url)
+    try:
+        async def handler(req, d):
+            await asyncio.gather(*(server.reply(d, TokenDelta(req.request_id, i, "x"), coalesce=True)
+                                   for i in range(4)))
+
+        await server.consume(spec, handler)
+        ch = await conn.channel()
+        q = await ch.declare_queue(exclusive=True)
+        await q.bind(topo.replies_exchange, q.name)  # the reply-queue contract: bound under its own name
+        ex = await ch.get_exchange(topo.gen_exchange)
+        await ex.publish(aio_pika.Message(encode(GenerationRequest("raw", "plain")), reply_to=q.name,
+                                          correlation_id="c1", user_id="guest"), routing_key="plain")
+        types = []
+        async with q.iterator(timeout=10) as it:
+            async for m in it:
+                await m.ack()
+                types.append(decode(m.body).TYPE)
+                if len(types) == 4:
+                    break
+        assert types == ["token_delta"] * 4
+    finally:
+        await conn.close()
+        await server.close()
+
+
+async def test_coalesced_reply_to_a_gone_requester_raises_unroutable(bus):
+    topo = bus.topology
+    server = Bus(bus.settings, name="server")
+    await server.connect()
+    spec = topo.gen_queue("gone")
+    errors: list = []
+    done = asyncio.Event()
+    try:
+        async def handler(req, d):
+            d.reply_to = f"{bus.settings.namespace}.reply.nobody-here"
+            res = await asyncio.gather(*(server.reply(d, TokenDelta(req.request_id, i, "x"), coalesce=True)
+                                         for i in range(3)), return_exceptions=True)
+            errors.extend(res)
+            done.set()
+
+        await server.consume(spec, handler)
+        await bus.publish(topo.gen_exchange, "gone", GenerationRequest("g", "gone"), reply_to="anything",
+                          headers={H_BATCH_REPLIES: 1}, persistent=False)
+        await asyncio.wait_for(done.wait(), 10)
+        assert len(errors) == 3 and all(isinstance(e, Unroutable) for e in errors)
+    finally:
+        await server.close()
+
+
+async def test_malformed_item_in_a_reply_batch_is_skipped(bus):
+    topo = bus.topology
+    server = Bus(bus.settings, name="server")
+    await server.connect()
+    spec = topo.gen_queue("badbatch")
+    try:
+        async def handler(req, d):
+            batch = ReplyBatch([[d.correlation_id, b"garbage"], ["not", "a", "pair"],
+                                [d.correlation_id, encode(FinalResponse(req.request_id, 0, "ok"))]])
+            await server.publish(topo.replies_exchange, d.reply_to, batch, correlation_id=d.correlation_id,
+                                 persistent=False)
+
+        await server.consume(spec, handler)
+        reply = await bus.request(topo.gen_exchange, "badbatch", GenerationRequest("b", "badbatch"), timeout=10)
+        assert reply.TYPE == "final_response" and reply.text == "ok"
     finally:
         await server.close()
 

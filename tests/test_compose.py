@@ -130,6 +130,22 @@ def test_npcbus_run_runs_the_compose_services():
     assert "infer-1" in two and "infer-2" in two
 
 
+def test_consumers_accept_only_their_senders_role_users_or_the_single_user():
+    from npcbus.stack import StackSettings, build_plan
+
+    svcs = compose.services(COMPOSE, _vars(AMQP_USER_PREFIX="p-"))
+    # tasks only from the aggregator's user, deltas only from the training workers' user
+    assert svcs["worker"].environment["ALLOWED_TASK_SENDERS"] == "p-aggregator"
+    assert svcs["aggregator"].environment["ALLOWED_SENDERS"] == "p-train"
+    # `npcbus run` with RUN_BROKER_USERS=false: one user sends everything, and is accepted
+    url = "amqp://solo:pw@127.0.0.1:5672/"
+    procs = build_plan(StackSettings.from_env({}, broker_users=False), _vars(), base_env={"AMQP_URL": url})
+    env = {p.service: p.env for p in procs}
+    assert "broker-init" not in env
+    assert env["worker"]["ALLOWED_TASK_SENDERS"] == "solo" and env["aggregator"]["ALLOWED_SENDERS"] == "solo"
+    assert env["worker"]["AMQP_URL"] == url and env["gateway"]["AMQP_URL"] == url
+
+
 def test_readme_main_job_runs_npcbus_run():
     text = (ROOT / "scripts" / "run.sh").read_text()
     assert re.search(r"^exec npcbus run\b", text, re.M)

@@ -17,11 +17,13 @@ import sys
 import time
 import uuid
 
+import aio_pika
 import pytest
 import pytest_asyncio
 
 from npcbus.adapter_store import content_hash, read_adapter_files, serve_adapter_fetches
 from npcbus.bus import Bus, BusTimeout
+from npcbus.codec import decode
 from npcbus.messages import (
     AdapterFetchReply,
     Cancel,
@@ -329,6 +331,25 @@ async def test_malformed_requests_are_dead_lettered_with_their_reason_and_servin
         await h.start_worker("consumer")
         topo = h.client.topology
         await h.client.publish_bytes(topo.gen_exchange, MODEL_ID, b"\x00not a message at all")
+        # undecodable, but it names a reply queue: the requester hears why at once
+        conn = await aio_pika.connect(bus_settings.amqp_url)
+        try:
+            rq = await (await conn.channel()).declare_queue(exclusive=True)
+            await rq.bind(topo.replies_exchange, rq.name)
+            await h.client.publish_bytes(topo.gen_exchange, MODEL_ID, b"\x93garbage", reply_to=rq.name,
+                                         correlation_id="bad-1", persistent=False)
+            raw = await rq.get(timeout=30, fail=False)
+            for _ in range(60):
+                if raw is not None:
+                    break
+                await asyncio.sleep(0.5)
+                raw = await rq.get(timeout=30, fail=False)
+            assert raw is not None, "no error event for an undecodable request"
+            err = decode(raw.body)
+            assert isinstance(err, GenerationError) and err.code == "invalid_request", err
+            assert "malformed" in err.message and raw.correlation_id == "bad-1"
+        finally:
+            await conn.close()
         bad = [
             (GenerationRequest(uuid.uuid4().hex, MODEL_ID, mode="poetry", prompt="x"), "invalid_request", "mode"),
             (GenerationRequest(uuid.uuid4().hex, MODEL_ID, mode="npc", npc={"persona_id": "innkeeper"}),
@@ -344,9 +365,9 @@ async def test_malformed_requests_are_dead_lettered_with_their_reason_and_servin
             assert len(events) == 1 and isinstance(events[0], GenerationError), events
             assert events[0].code == code and word in events[0].message, events[0]
             assert not engine_runs(engine, req.request_id)
-        dead = await dead_letters(h.client, 1 + len(bad))
+        dead = await dead_letters(h.client, 2 + len(bad))
         codes = sorted(d.headers[H_REJECT_CODE] for d in dead)
-        assert codes == sorted(["malformed", *(c for _r, c, _w in bad)])
+        assert codes == sorted(["malformed", "malformed", *(c for _r, c, _w in bad)])
         assert all(d.headers[H_REJECT_REASON] for d in dead)
         # and the consumer keeps serving
         final = check_stream(await h.ask(text_request("The innkeeper said", params={"max_tokens": 8})))
@@ -560,3 +581,14 @@ def test_sampling_from_merges_npc_settings_and_overrides():
                                                                                      "temperature": 0.9}, 256)
     assert (spec.max_tokens, spec.temperature, spec.stop) == (100, 0.2, ["END"])
     assert sampling_from({}, None, 77).max_tokens == 77
+
+
+def test_delta_ticks_are_shared_by_every_stream():
+    from workers.infer_worker import _next_tick
+
+    # two streams whose first pending token came at different times flush at the same tick,
+    # never later than one period after their first pending token
+    assert _next_tick(10.012, 0.05) == pytest.approx(10.05)
+    assert _next_tick(10.049, 0.05) == pytest.approx(10.05)
+    assert _next_tick(10.05, 0.05) == pytest.approx(10.10)
+    assert _next_tick(3.0, 0.0) == 3.0

@@ -16,8 +16,11 @@ more than it can run and several consumers on one queue share the load. For each
    ``unknown_adapter``);
 3. runs it on the engine with the adapter's current version and streams ``token_delta`` events
    to the requester's reply queue (correlation id and sequence numbers; the first text at once,
-   then batched: ``TOKEN_BATCH_TOKENS`` tokens or ``TOKEN_BATCH_MS`` after the first pending
-   token, whichever comes first), then ``final_response`` with the adapter and version used;
+   then batched: ``TOKEN_BATCH_TOKENS`` tokens or the next ``TOKEN_BATCH_MS`` tick, whichever
+   comes first), then ``final_response`` with the adapter and version used. Events for one
+   requester that are ready in the same event-loop turn (the streams' first tokens of one engine
+   step, every stream's text at a tick) travel as one ``reply_batch`` message when the requester
+   accepts them (``x-npcbus-batch-replies`` header; npcbus's own requesters do);
 4. aborts the generation at the engine on a ``cancel`` message (cancel fanout), when the deadline
    passes (code ``deadline``) or when the requester's reply queue is gone.
 
@@ -40,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
@@ -105,7 +109,8 @@ class InferSettings(Settings):
     token_batch_ms: float = env_field(
         "TOKEN_BATCH_MS", 50.0,
         "The first token delta of a stream goes out at once; later text is sent when TOKEN_BATCH_TOKENS tokens are "
-        "pending or this many milliseconds after the first pending one.",
+        "pending or at the next tick of a clock of this period (at most this many milliseconds after the first "
+        "pending token; all streams share the ticks, so their deltas to one requester leave as one message).",
         check=lambda x: x >= 0, check_msg="must be >= 0")
     token_batch_tokens: int = env_field(
         "TOKEN_BATCH_TOKENS", 16, "Tokens that make a token delta go out at once (see TOKEN_BATCH_MS).",
@@ -592,7 +597,8 @@ class InferenceWorker:
         self._consumers.append(await self.bus.consume(
             topo.listener_queue("versions", cid, topo.versions_exchange), self._on_version, prefetch=16))
         self._gen_consumer = await self.bus.consume(topo.gen_queue(self.model_id), self._on_request,
-                                                    prefetch=max(1, int(self.engine.capacity)))
+                                                    prefetch=max(1, int(self.engine.capacity)),
+                                                    on_malformed=self._on_malformed)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="infer-heartbeat")
         self.log.info("inference consumer started", engine=self.engine.name, capacity=self.engine.capacity,
                       queue=topo.gen_queue(self.model_id).name)
@@ -688,6 +694,12 @@ class InferenceWorker:
         return Ack()
 
     # requests -----------------------------------------------------------------------------------
+    async def _on_malformed(self, d, reason: str) -> None:
+        """A request that does not decode: tell its requester (when it named a reply queue) before
+        the bus dead-letters it. Its request id is unknown; the correlation id matches it up."""
+        _metric_requests("invalid")
+        await self._error(d, "", 0, "invalid_request", reason)
+
     async def _error(self, d, request_id: str, seq: int, code: str, message: str, retryable: bool = False) -> None:
         from npcbus.messages import GenerationError
 
@@ -788,10 +800,18 @@ class InferenceWorker:
         async def send(m) -> None:
             nonlocal seq
             try:
-                await self.bus.reply(d, m)
+                await self.bus.reply(d, m, coalesce=True)
             except Unroutable:
                 raise RequesterGone() from None
             seq += 1
+
+        async def send_last(msgs: list) -> None:
+            nonlocal seq
+            try:
+                await self.bus.reply_many(d, msgs)
+            except Unroutable:
+                raise RequesterGone() from None
+            seq += len(msgs)
 
         if job.refusal is not None:
             text = npclib.canonical_json(job.refusal)
@@ -826,6 +846,7 @@ class InferenceWorker:
         lock = asyncio.Lock()       # one publish at a time: sequence numbers go out in order
         closed = False              # the final event is on its way: no more deltas
         timer: asyncio.TimerHandle | None = None
+        last_text: tuple[str, int] | None = None  # text still to send when the stream ends
         background: set[asyncio.Task] = set()
 
         def spawn(coro) -> None:
@@ -888,7 +909,9 @@ class InferenceWorker:
                     if not first_sent or pending_tokens >= batch_tokens:
                         await flush()
                     elif timer is None:
-                        timer = loop.call_later(batch_s, on_timer)
+                        # on a clock shared by every stream, so that their deltas leave together
+                        # (one reply batch per requester, see Bus.reply)
+                        timer = loop.call_at(_next_tick(loop.time(), batch_s), on_timer)
                 if run.gone:
                     break
             if stream and streamer is not None:
@@ -896,7 +919,14 @@ class InferenceWorker:
                 if tail:
                     pending.append(tail)
             if finish is not None and finish.reason != "abort" and not run.gone:
-                await flush()
+                # the last text leaves with the final event, in one message (below)
+                async with lock:
+                    if timer is not None:
+                        timer.cancel()
+                        timer = None
+                    if pending:
+                        last_text = ("".join(pending), pending_tokens)
+                        pending, pending_tokens = [], 0
         except RequesterGone:
             run.gone = True
         except BadEngineRequest as e:
@@ -959,14 +989,22 @@ class InferenceWorker:
             valid = not problems
         if problems:
             log.info("output checked", problems=problems[:3], valid=valid)
-        final = FinalResponse(rid, seq, text, finish.reason, response, valid, adapter_name, adapter_version,
-                              usage, timings, self.worker_id)
+        last = [TokenDelta(rid, seq, *last_text)] if last_text is not None else []
+        final = FinalResponse(rid, seq + len(last), text, finish.reason, response, valid, adapter_name,
+                              adapter_version, usage, timings, self.worker_id)
         with contextlib.suppress(RequesterGone):
-            await send(final)
+            await send_last([*last, final])
         self.served += 1
         _metric_requests("ok" if valid else "invalid_output")
         log.debug("request served", finish=finish.reason, completion_tokens=completion, total_ms=total_ms,
                   version=adapter_version)
+
+
+def _next_tick(now: float, period: float) -> float:
+    """The next multiple of ``period`` after ``now`` (``now`` itself when ``period`` is 0)."""
+    if period <= 0:
+        return now
+    return (math.floor(now / period) + 1) * period
 
 
 # ------------------------------------------------------------------------------------------------

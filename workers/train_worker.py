@@ -5,8 +5,10 @@ One task at a time:
 1. **Take** a task from the tasks queue (prefetch 1). The worker stops consuming (``basic.cancel``)
    as soon as a task arrives, so it never holds a second task while it trains; it consumes again
    when the task is finished.
-2. **Check** it: a task past its deadline or with unreadable data is dead-lettered with its reason;
-   a task for another base model is handed back (requeued) for another worker.
+2. **Check** it: a task not sent by a broker user in ``ALLOWED_TASK_SENDERS`` (the broker-validated
+   user id; the default exchange lets any user that may reply put a message in the tasks queue),
+   past its deadline or with unreadable data is dead-lettered with its reason; a task for another
+   base model is handed back (requeued) for another worker.
 3. **Hold the adapter's current version**: the newest version heard on the versions fanout (a
    per-process listener queue) when its files are in the local cache (by content hash), else
    fetched through the bus from whoever serves adapter fetches (the aggregator). No shared disk.
@@ -72,6 +74,12 @@ class TrainWorkerSettings(Settings):
         check=lambda x: x > 0, check_msg="must be > 0")
     max_tasks: int = env_field("WORKER_MAX_TASKS", 0, "Stop after this many tasks (0: run until stopped).",
                                check=lambda n: n >= 0, check_msg="must be >= 0")
+    allowed_task_senders: list[str] = env_field(
+        "ALLOWED_TASK_SENDERS", ["npcbus-aggregator", "guest"],
+        "Broker user ids allowed to issue training tasks (the broker-validated user id of the message); a task from "
+        "anyone else is dead-lettered (unauthorized_sender). Default: the aggregator role's user (aggregator, loop, "
+        "`npcbus task publish`) and the single-user setup's guest; compose.yaml sets AMQP_USER_PREFIX + aggregator. "
+        "Empty: any user the broker authenticated.")
     version_wait_s: float = env_field(
         "VERSION_WAIT_S", 5.0, "After sending a delta, wait up to this long for a newer version of the adapter before "
         "taking the next task, so that the next delta starts from it (0: do not wait).",
@@ -176,7 +184,8 @@ class TrainWorker:
             self.bus = Bus(self.bus_settings, name="train-worker", client_id=None)
         await self.bus.connect()
         topo = self.bus.topology
-        # only the training queues: the broker user of a training worker may declare nothing else
+        # only the training queues: a training worker's broker user may declare the tasks queue it
+        # consumes, and checks that the other two exist (the broker definitions declare them)
         await self.bus.declare_topology(queues=[topo.tasks_queue, topo.deltas_queue, topo.leases_queue])
         spec = topo.listener_queue("versions", f"train-{self.bus.client_id}", topo.versions_exchange)
         await self.bus.consume(spec, self._on_announcement, prefetch=64)
@@ -316,6 +325,15 @@ class TrainWorker:
                 self.log.info("task limit reached", tasks_done=self.tasks_done)
                 self._stop.set()
 
+    def sender_refusal(self, d) -> str | None:
+        """Why a task delivery's sender may not issue tasks (``ALLOWED_TASK_SENDERS``), or None."""
+        if not d.user_id:
+            return "the task carries no broker-validated user id"
+        allowed = self.settings.allowed_task_senders
+        if allowed and d.user_id not in allowed:
+            return f"sender {d.user_id!r} is not in ALLOWED_TASK_SENDERS"
+        return None
+
     async def handle_task(self, task, d) -> None:
         """Check, accept, train and publish one task (``d`` is settled here)."""
         from npcbus import lora
@@ -324,6 +342,13 @@ class TrainWorker:
         from npcbus.messages import TaskAccepted, TrainingTask
         from npcbus.tasks import TaskDataError, task_examples
 
+        refusal = self.sender_refusal(d)
+        if refusal is not None:
+            self.log.warning("task from a sender not allowed to issue tasks; dead-lettered", sender=d.user_id,
+                             message_id=d.message_id, task_id=getattr(task, "task_id", None))
+            M.tasks.labels("unauthorized_sender").inc()
+            await self.bus.settle(d, Reject(refusal, "unauthorized_sender"))
+            return
         if not isinstance(task, TrainingTask):
             await self.bus.settle(d, Reject(f"expected training_task, got {task.TYPE}", "wrong_type"))
             return
