@@ -289,21 +289,19 @@ def _metrics() -> _Metrics:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--print-settings", action="store_true", help="Print the settings and exit.")
+    from npcbus.service import add_print_settings
+
+    add_print_settings(parser)
 
 
 def run(args) -> int:
-    from npcbus.bus import install_uvloop
-    from npcbus.logs import setup_logging
+    from npcbus.service import prepare
     from npcbus.settings import BusSettings
 
     settings = LoopSettings.from_env()
     bus_settings = BusSettings.from_env()
-    if getattr(args, "print_settings", False):
-        print(json.dumps({"loop": settings.redacted(), "bus": bus_settings.redacted()}, default=str, indent=2))
+    if not prepare(args, bus_settings, loop=settings):
         return 0
-    setup_logging(bus_settings.log_format, bus_settings.log_level)
-    install_uvloop()
 
     async def main() -> None:
         from npcbus.bus import Bus, run_forever

@@ -241,16 +241,15 @@ def round_update(current, optimizer, *, method: str = "weighted_mean", acc=None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from npcbus.service import add_print_settings
+
     parser.add_argument("--adapters", default=None, help="Override ADAPTERS (comma-separated).")
     parser.add_argument("--checkpoint-dir", default=None, help="Override CHECKPOINT_DIR.")
-    parser.add_argument("--print-settings", action="store_true", help="Print the settings and exit.")
+    add_print_settings(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from npcbus.bus import install_uvloop
-    from npcbus.logs import setup_logging
+    from npcbus.service import prepare
     from npcbus.settings import BusSettings, ModelSettings
 
     overrides = {}
@@ -261,11 +260,8 @@ def run(args: argparse.Namespace) -> int:
     settings = AggregatorSettings.from_env(**overrides)
     bus_settings = BusSettings.from_env()
     model_settings = ModelSettings.from_env()
-    if args.print_settings:
-        print(json.dumps({"aggregator": settings.redacted(), "bus": bus_settings.redacted()}, default=str, indent=2))
+    if not prepare(args, bus_settings, aggregator=settings):
         return 0
-    setup_logging(bus_settings.log_format, bus_settings.log_level)
-    install_uvloop()
 
     async def main() -> None:
         from npcbus.bus import run_forever

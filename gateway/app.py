@@ -30,7 +30,8 @@ from pathlib import Path
 from aiohttp import web
 
 from npcbus.bus import Bus
-from npcbus.logs import get_logger, setup_logging
+from npcbus.logs import get_logger
+from npcbus.service import add_print_settings
 from npcbus.settings import BusSettings, ModelSettings
 
 from . import http_api, openai_api, ws
@@ -126,21 +127,22 @@ def create_app(settings: GatewaySettings | None = None, bus: Bus | None = None, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address (GATEWAY_HOST)")
     parser.add_argument("--port", type=int, help="listen port (GATEWAY_PORT)")
+    add_print_settings(parser)
 
 
 def run(args) -> int:
-    from npcbus.bus import install_uvloop
+    from npcbus.service import prepare
 
     bus_settings = BusSettings.from_env()
-    setup_logging(bus_settings.log_format, bus_settings.log_level)
     overrides = {}
     if getattr(args, "host", None):
         overrides["host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides["port"] = args.port
     settings = GatewaySettings.from_env(**overrides)
+    if not prepare(args, bus_settings, gateway=settings):
+        return 0
     log.info("gateway starting", **{k: v for k, v in settings.redacted().items()})
-    install_uvloop()
     app = create_app(settings)
     web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True, print=None,
                 access_log=None, shutdown_timeout=10.0)

@@ -1043,6 +1043,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", help="id in heartbeats and logs (WORKER_ID)")
     parser.add_argument("--preload", action="append", default=None, metavar="ADAPTER",
                         help="adapter to load at start (repeatable; PRELOAD_ADAPTERS)")
+    from npcbus.service import add_print_settings
+
+    add_print_settings(parser)
 
 
 def settings_from_args(args) -> InferSettings:
@@ -1114,14 +1117,13 @@ async def serve(settings: InferSettings, *, bus_settings=None, model_settings=No
 
 
 def run(args) -> int:
-    from npcbus.bus import install_uvloop
-    from npcbus.logs import setup_logging
+    from npcbus.service import prepare
     from npcbus.settings import BusSettings
 
     bus_settings = BusSettings.from_env()
-    setup_logging(bus_settings.log_format, bus_settings.log_level)
     settings = settings_from_args(args)
-    install_uvloop()
+    if not prepare(args, bus_settings, worker=settings):
+        return 0
     return asyncio.run(serve(settings, bus_settings=bus_settings))
 
 

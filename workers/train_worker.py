@@ -90,16 +90,15 @@ class TrainWorkerSettings(Settings):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from npcbus.service import add_print_settings
+
     parser.add_argument("--worker-id", default=None, help="Override WORKER_ID.")
     parser.add_argument("--max-tasks", type=int, default=None, help="Override WORKER_MAX_TASKS.")
-    parser.add_argument("--print-settings", action="store_true", help="Print the settings and exit.")
+    add_print_settings(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from npcbus.bus import install_uvloop
-    from npcbus.logs import setup_logging
+    from npcbus.service import prepare
     from npcbus.settings import BusSettings, ModelSettings
 
     overrides: dict[str, Any] = {}
@@ -110,11 +109,8 @@ def run(args: argparse.Namespace) -> int:
     settings = TrainWorkerSettings.from_env(**overrides)
     bus_settings = BusSettings.from_env()
     model_settings = ModelSettings.from_env()
-    if args.print_settings:
-        print(json.dumps({"worker": settings.redacted(), "bus": bus_settings.redacted()}, default=str, indent=2))
+    if not prepare(args, bus_settings, worker=settings):
         return 0
-    setup_logging(bus_settings.log_format, bus_settings.log_level)
-    install_uvloop()
 
     async def main() -> None:
         import signal
