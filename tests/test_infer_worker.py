@@ -592,3 +592,9 @@ def test_delta_ticks_are_shared_by_every_stream():
     assert _next_tick(10.049, 0.05) == pytest.approx(10.05)
     assert _next_tick(10.05, 0.05) == pytest.approx(10.10)
     assert _next_tick(3.0, 0.0) == 3.0
+
+
+def test_generation_prefetch_is_capacity_plus_a_quarter():
+    from workers.infer_worker import gen_prefetch
+
+    assert [gen_prefetch(c) for c in (0, 1, 4, 16, 64)] == [2, 2, 5, 20, 80]

@@ -1,8 +1,11 @@
 """The inference consumer (``npcbus worker infer``): generation requests in, token streams out.
 
-One process serves one base model. It consumes ``NS.gen.<model id>`` with a prefetch equal to its
-engine's capacity and holds each delivery until the generation ends, so the broker never hands it
-more than it can run and several consumers on one queue share the load. For each request it:
+One process serves one base model. It consumes ``NS.gen.<model id>`` with a prefetch of its
+engine's capacity plus a quarter (:func:`gen_prefetch`) and holds each delivery until the
+generation ends, so the broker hands it little more than it can run and several consumers on one
+queue share the load. The headroom covers the requests that are finishing (their last reply and
+ack still on the way) while new ones arrive: the engine queues those few and starts them at its
+next step, instead of the broker holding them back until an ack comes in. For each request it:
 
 1. drops it unrun when its deadline has passed (``generation_error`` code ``expired``) or it was
    cancelled before it started (code ``cancelled``);
@@ -77,7 +80,8 @@ class InferSettings(Settings):
         "`package.module:Class` for a custom engine (see workers/engines/__init__.py).",
         check=_engine_ok, check_msg="use auto, vllm, hf or package.module:Class")
     max_concurrency: int = env_field(
-        "MAX_CONCURRENCY", 16, "Generations one consumer runs at once (its prefetch and the engine's batch size).",
+        "MAX_CONCURRENCY", 16, "Generations one consumer runs at once (the engine's batch size; the consumer's "
+        "prefetch is this plus a quarter, see workers/infer_worker.py).",
         check=lambda n: 1 <= n <= 4096, check_msg="must be between 1 and 4096")
     max_loras: int = env_field(
         "MAX_LORAS", 4, "Adapter versions loaded in the engine at once (vLLM gets one slot more as headroom).",
@@ -597,7 +601,7 @@ class InferenceWorker:
         self._consumers.append(await self.bus.consume(
             topo.listener_queue("versions", cid, topo.versions_exchange), self._on_version, prefetch=16))
         self._gen_consumer = await self.bus.consume(topo.gen_queue(self.model_id), self._on_request,
-                                                    prefetch=max(1, int(self.engine.capacity)),
+                                                    prefetch=gen_prefetch(self.engine.capacity),
                                                     on_malformed=self._on_malformed)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="infer-heartbeat")
         self.log.info("inference consumer started", engine=self.engine.name, capacity=self.engine.capacity,
@@ -998,6 +1002,12 @@ class InferenceWorker:
         _metric_requests("ok" if valid else "invalid_output")
         log.debug("request served", finish=finish.reason, completion_tokens=completion, total_ms=total_ms,
                   version=adapter_version)
+
+
+def gen_prefetch(capacity: int) -> int:
+    """The generation consumer's prefetch: the engine's capacity plus a quarter (at least one)."""
+    capacity = max(1, int(capacity))
+    return capacity + max(1, capacity // 4)
 
 
 def _next_tick(now: float, period: float) -> float:
