@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -116,8 +117,15 @@ class Settings:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata.get("secret") and v else v
+            out[f.name] = "***" if f.metadata.get("secret") and v else _mask_url_password(v)
         return out
+
+
+def _mask_url_password(value: Any) -> Any:
+    """``scheme://user:password@host`` with the password masked (AMQP_URL and the like)."""
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
+    return value
 
 
 def docs_rows(cls: type[Settings]) -> list[tuple[str, str, str, str]]:
