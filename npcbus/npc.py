@@ -47,7 +47,7 @@ __all__ = [
     "unsafe_text_category", "apply_safety_rails", "rails_audience", "mask_profanity", "action_allowed",
 ]
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # the repository's schemas/, packaged with npcbus
 DATA_DIR = Path(__file__).resolve().parent / "data_files"
 
 AUDIENCES = ("child", "teen", "general", "adult")
