@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +59,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WORKERS = 3
+FULL_ROUNDS = 6
+QUICK_ROUNDS = 3
+CURVE_POINTS = 5  # held-out scores per side, evenly spaced over the run (the last is the figure)
 
 
 @dataclass
@@ -139,11 +143,13 @@ def setup(*, max_length: int, lr: float, batch_size: int, warmup_steps: int = 0)
                  spec=lora.AdapterSpec.from_state("npc", state0), state0=state0, tmp=tmp)
 
 
-def distributed(ctx: Setup, rounds: int, local: int, agg_settings, log=None, tag: str = "") -> tuple[dict, list[float]]:
+def distributed(ctx: Setup, rounds: int, local: int, agg_settings, log=None, tag: str = "",
+                score_every: int = 1) -> tuple[dict, dict[int, float]]:
     """``rounds`` rounds of ``WORKERS`` workers from ``ctx.state0``, aggregated as the aggregator
     does (``agg_settings``: an :class:`aggregator.service.AggregatorSettings`). Returns the final
-    weights and the held-out loss after each round. ``tag`` goes into the task ids, from which the
-    workers' seeds derive (another tag: another draw of the workers' batches)."""
+    weights and the held-out loss after every ``score_every``-th round and the last, by round
+    (1-based). ``tag`` goes into the task ids, from which the workers' seeds derive (another tag:
+    another draw of the workers' batches)."""
     from aggregator.service import round_update
     from npcbus import codec, lora
     from npcbus.messages import TrainingTask
@@ -152,14 +158,17 @@ def distributed(ctx: Setup, rounds: int, local: int, agg_settings, log=None, tag
     optimizer = agg_settings.make_server_optimizer()
     state = ctx.state0
     path = ctx.write_version(adapter_files(state, ctx.cfg))
-    losses = []
+    losses: dict[int, float] = {}
+    t0 = time.perf_counter()
     for r in range(rounds):
         acc = lora.WeightedMeanAccumulator(ctx.spec.shapes)
         n_samples = 0
+        train_loss = 0.0
         for w in range(WORKERS):
             task = TrainingTask(task_id=f"parity{tag}-r{r}-w{w}", adapter="npc", data={"examples": ctx.shards[w]},
                                 steps=local, hyperparams=ctx.hyper)
             res = ctx.trainer.train(path, ctx.shards[w], task)
+            train_loss += float(res.metrics.get("loss_mean", float("nan"))) / WORKERS
             wire = codec.encode(lora.make_delta(res.delta, adapter="npc", base_version=r, num_samples=res.num_samples,
                                                 task_id=task.task_id, worker_id=f"w{w}", metrics=res.metrics))
             delta = codec.decode(wire)
@@ -171,27 +180,53 @@ def distributed(ctx: Setup, rounds: int, local: int, agg_settings, log=None, tag
             n_samples += delta.num_samples
         state, _ = round_update(state, optimizer, method="weighted_mean", acc=acc, num_samples=n_samples)
         path = ctx.write_version(adapter_files(state, ctx.cfg))
-        losses.append(ctx.score(state))
+        note = ""
+        if (r + 1) % max(1, score_every) == 0 or r + 1 == rounds:
+            losses[r + 1] = ctx.score(state)
+            note = f", held-out {losses[r + 1]:.4f}"
         if log is not None:
-            log(f"# round {r + 1}: held-out {losses[-1]:.4f}")
+            log(f"# round {r + 1}/{rounds}: workers' train loss {train_loss:.4f}{note} "
+                f"({time.perf_counter() - t0:.0f} s)")
     return state, losses
 
 
-def central(ctx: Setup, total_steps: int) -> dict:
-    """One :func:`npcbus.training.train_lora` run over all training records for ``total_steps``."""
-    from npcbus.training import TrainConfig, train_lora
+def central(ctx: Setup, total_steps: int, score_every: int = 0) -> tuple[dict, dict[int, float]]:
+    """One :func:`npcbus.training.train_lora` run over all training records for ``total_steps``.
+    Returns the final weights and the held-out loss after every ``score_every``-th step (read from
+    the run's checkpoints; 0: none) and after the last, by step. The learning rate is constant,
+    so the loss after step ``k`` is what a ``k``-step run scores."""
+    from npcbus.training import TrainConfig, list_checkpoints, load_adapter_state, train_lora
 
-    res = train_lora(ctx.trainer.model, ctx.trainer.tokenizer, ctx.train,
-                     TrainConfig.from_hyperparams(ctx.hyper, max_steps=total_steps, seed=1),
-                     init_adapter_state=ctx.state0, peft_config=ctx.cfg)
-    return res.adapter_state
+    every = score_every if 0 < score_every < total_steps else total_steps
+    ckpt = Path(tempfile.mkdtemp(dir=ctx.tmp))
+    config = TrainConfig.from_hyperparams(ctx.hyper, max_steps=total_steps, seed=1, checkpoint_every=every,
+                                          keep_checkpoints=total_steps // every + 1)
+    res = train_lora(ctx.trainer.model, ctx.trainer.tokenizer, ctx.train, config, init_adapter_state=ctx.state0,
+                     peft_config=ctx.cfg, checkpoint_dir=ckpt)
+    losses = {}
+    for p in list_checkpoints(ckpt):
+        step = int(p.name.rsplit("-", 1)[-1])
+        losses[step] = ctx.score(res.adapter_state if step == total_steps else load_adapter_state(p))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return res.adapter_state, losses
+
+
+def _central_job(setup_kwargs: dict, total_steps: int, score_every: int) -> tuple[dict[int, float], float]:
+    """The central side in a process of its own (``--jobs 2``): the same setup, the same run."""
+    ctx = setup(**setup_kwargs)
+    try:
+        t0 = time.perf_counter()
+        _, losses = central(ctx, total_steps, score_every)
+        return losses, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(ctx.tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.parity", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 rounds of 3 local steps, 160-token sequences")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--local-steps", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_ROUNDS} rounds of 3 local steps, 160-token sequences")
+    ap.add_argument("--rounds", type=int, default=None, help=f"default {FULL_ROUNDS} ({QUICK_ROUNDS} with --quick)")
+    ap.add_argument("--local-steps", type=int, default=None, help="optimizer steps per worker task (default 5; 3 quick)")
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--warmup-steps", type=int, default=0,
@@ -200,10 +235,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="override SERVER_OPTIMIZER (default: the aggregator's setting, from the environment)")
     ap.add_argument("--server-lr", type=float, default=None, help="override SERVER_LR")
     ap.add_argument("--server-momentum", type=float, default=None, help="override SERVER_MOMENTUM")
+    ap.add_argument("--curve-points", type=int, default=CURVE_POINTS,
+                    help=f"score both sides at this many evenly spaced points (default {CURVE_POINTS}; the last is "
+                         "the figure)")
+    ap.add_argument("--jobs", type=int, choices=(1, 2), default=2 if (os.cpu_count() or 1) >= 2 else 1,
+                    help="2: train the central side in a second process at the same time (default where there are "
+                         "2+ CPUs); 1: one after the other")
     args = ap.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 6)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)
     local = args.local_steps or (3 if args.quick else 5)
     max_length = 160 if args.quick else 256
+    every = max(1, rounds // max(1, args.curve_points))  # rounds between curve points
 
     from aggregator.service import AggregatorSettings
     from bench.common import figure
@@ -212,26 +254,49 @@ def main(argv: list[str] | None = None) -> int:
                                    ("server_momentum", args.server_momentum)) if v is not None}
     agg_settings = AggregatorSettings.from_env(**overrides)
     opt_config = agg_settings.make_server_optimizer().config()
-    ctx = setup(max_length=max_length, lr=args.lr, batch_size=args.batch_size, warmup_steps=args.warmup_steps)
-    loss0 = ctx.score(ctx.state0)
-    t0 = time.perf_counter()
-    _, losses = distributed(ctx, rounds, local, agg_settings, log=lambda s: print(s, file=sys.stderr))
-    fed_s = time.perf_counter() - t0
-    fed_loss = losses[-1]
-
+    setup_kwargs = {"max_length": max_length, "lr": args.lr, "batch_size": args.batch_size,
+                    "warmup_steps": args.warmup_steps}
     total = rounds * WORKERS * local
-    t1 = time.perf_counter()
-    central_state = central(ctx, total)
-    central_s = time.perf_counter() - t1
-    central_loss = ctx.score(central_state)
+    t_all = time.perf_counter()
+    ctx = setup(**setup_kwargs)
+    pool = job = None
+    try:
+        loss0 = ctx.score(ctx.state0)
+        if args.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            from bench import parity as this  # the job by its importable name, also under ``python -m``
+
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            job = pool.submit(this._central_job, setup_kwargs, total, every * WORKERS * local)
+        t0 = time.perf_counter()
+        _, fed = distributed(ctx, rounds, local, agg_settings, log=lambda s: print(s, file=sys.stderr),
+                             score_every=every)
+        fed_s = time.perf_counter() - t0
+        if job is not None:
+            cen, central_s = job.result()
+        else:
+            t1 = time.perf_counter()
+            _, cen = central(ctx, total, every * WORKERS * local)
+            central_s = time.perf_counter() - t1
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        shutil.rmtree(ctx.tmp, ignore_errors=True)
+    wall_s = time.perf_counter() - t_all
+    fed_loss, central_loss = fed[rounds], cen[total]
+    curve = [[r * WORKERS * local, round(fed[r], 4), round(cen[r * WORKERS * local], 4)] for r in sorted(fed)]
     print(json.dumps({"v0_loss": round(loss0, 4), "distributed_loss": round(fed_loss, 4),
                       "central_loss": round(central_loss, 4), "distributed_s": round(fed_s, 1),
-                      "central_s": round(central_s, 1)}), file=sys.stderr)
+                      "central_s": round(central_s, 1), "jobs": args.jobs, "wall_s": round(wall_s, 1)}),
+          file=sys.stderr)
     figure("parity.heldout_loss_ratio", fed_loss, central_loss, "<=1.10", v0_loss=round(loss0, 6),
-               rounds=rounds, workers=WORKERS, local_steps=local, total_steps=total,
-               warmup_steps=args.warmup_steps, server_optimizer=opt_config,
-               mode="in-process: worker training function + aggregator's streaming weighted mean and server "
-                    "optimizer (aggregator.service.round_update), fp16 wire, no broker")
+           rounds=rounds, workers=WORKERS, local_steps=local, total_steps=total,
+           warmup_steps=args.warmup_steps, server_optimizer=opt_config,
+           curve=curve, curve_columns=["total_steps", "distributed_loss", "central_loss"],
+           mode="in-process: worker training function + aggregator's streaming weighted mean and server "
+                "optimizer (aggregator.service.round_update), fp16 wire, no broker")
     return 0  # a missed goal is reported in the JSON line, not an error
 
 

@@ -218,8 +218,10 @@ class _ReplyCoalescer:
     An inference consumer streams token deltas for many requests, most of them from the same
     gateway (one reply queue per requesting process); every broker message costs a socket write
     and a confirm, so the deltas that become ready together (one engine step, one batching tick)
-    go out as one :class:`~npcbus.messages.ReplyBatch`. Order per requester is kept: a batch is
-    published only after the one before it was confirmed.
+    go out as one :class:`~npcbus.messages.ReplyBatch`. Batches are published in the order they
+    were made, on the one confirming channel, without waiting for the confirm of the one before:
+    the order of each stream holds because its sender awaits each reply (or sends several at once
+    with :meth:`Bus.reply_many`, which puts them in one batch).
     """
 
     MAX_ITEMS = 512
@@ -228,7 +230,7 @@ class _ReplyCoalescer:
     def __init__(self, bus: Bus):
         self.bus = bus
         self._open: dict[str, list[tuple[str, bytes, str, asyncio.Future]]] = {}
-        self._sending: dict[str, asyncio.Task] = {}
+        self._sending: set[asyncio.Task] = set()
 
     def add(self, reply_to: str, correlation_id: str, body: bytes, mtype: str) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -236,15 +238,16 @@ class _ReplyCoalescer:
         items = self._open.get(reply_to)
         if items is None:
             items = self._open[reply_to] = []
-            if reply_to not in self._sending:
-                loop.call_soon(self._flush, reply_to)
+            loop.call_soon(self._flush, reply_to)
         items.append((correlation_id, body, mtype, fut))
         return fut
 
     def _flush(self, reply_to: str) -> None:
         items = self._open.pop(reply_to, None)
         if items:
-            self._sending[reply_to] = asyncio.get_running_loop().create_task(self._send(reply_to, items))
+            task = asyncio.get_running_loop().create_task(self._send(reply_to, items))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, reply_to: str, items: list) -> None:
         try:
@@ -271,9 +274,6 @@ class _ReplyCoalescer:
             for *_, fut in items:  # cancelled (the bus is closing): nobody may wait forever
                 if not fut.done():
                     fut.set_exception(BusNotConnected("the reply was not sent: the bus is closing"))
-            del self._sending[reply_to]
-            if reply_to in self._open:  # queued while this batch was on its way
-                self._flush(reply_to)
 
 
 def _groups(items: list, max_items: int, max_bytes: int):
