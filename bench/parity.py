@@ -64,7 +64,8 @@ workers' batches (task-id tags ``s2``, ``s3``) against the same central run give
 not 80. (A central run with another seed scores 3.401 / 3.398 after 1200 / 1350 steps against
 3.387 / 3.352: the baseline's own spread is of the same order.) Wall time, one process, both
 sides one after the other, with another job on the machine: 60 rounds 536 s + 292 s (scoring
-every round), 120 rounds 756 s + 703 s; ``--jobs 2`` runs the two sides side by side.
+every round), 120 rounds 756 s + 703 s; the full run with ``--jobs 2`` (the two sides side by
+side) took 681 s.
 
 Why it takes so long: the distributed run after ``r`` rounds scores about what the central run
 scores after ``r x local_steps`` steps, i.e. after as many *sequential* steps (distributed after
@@ -72,10 +73,11 @@ rounds 6 / 40 / 120: 6.19 / 4.22 / 3.52; central after 30 / 210 / 600 steps: 6.0
 Three workers' averaged deltas move about as far as one worker's task; what is missing is the
 central run's other two thirds of sequential steps, not the restarts of the workers' optimizer
 (one worker alone, restarting Adam every 5 steps for 90 steps, ends within 1.04 of central). While
-the loss falls steeply (the first ~40 rounds) that lag costs 1.20-1.27; once the central run
+the loss falls steeply (the first ~40 rounds) that lag costs 1.19-1.27; once the central run
 flattens out (about 3.4 after 900 steps, 3.3 after 1800, still slowly falling, not overfitting
 the 288 training records) the same lag costs less and less, and the ratio falls below 1.10. The
-deltas cannot stand in for the missing steps: in the 6-round run, scaling the aggregate
+deltas cannot stand in for the missing steps: in the 6-round run (measured when version 0
+scored 9.63, not 9.67 as now), scaling the aggregate
 (``SERVER_LR`` 1.5, 2) overshoots, and the server optimizers, momentum 0.3-0.9 (plain or
 Nesterov) and adam (lr 0.005-0.02), give ratios from 1.20 to 1.43, against 1.20-1.23 for
 ``none`` over three seeds of the workers' batches (momentum 0.3 and Nesterov 0.5 average 1.21,
