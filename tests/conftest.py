@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -52,6 +53,26 @@ def bus_settings(namespace):
     from npcbus.settings import BusSettings
 
     return BusSettings.from_env({"AMQP_URL": AMQP_URL, "NPCBUS_NAMESPACE": namespace})
+
+
+async def read_queue(url: str, queue: str, n: int, timeout: float = 15.0) -> list:
+    """Take up to ``n`` messages from ``queue`` (raw aio-pika messages), waiting up to ``timeout``."""
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    out = []
+    try:
+        q = await (await conn.channel()).get_queue(queue, ensure=False)
+        end = time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < end:
+            m = await q.get(no_ack=True, fail=False)
+            if m is None:
+                await asyncio.sleep(0.05)
+                continue
+            out.append(m)
+    finally:
+        await conn.close()
+    return out
 
 
 async def delete_namespace(settings, extra_queues=()):

@@ -26,6 +26,8 @@ from npcbus.settings import ModelSettings
 from npcbus.tasks import build_tasks, reissue, task_examples
 from npcbus.topology import H_REJECT_CODE, H_REJECT_REASON
 
+from .conftest import read_queue as read_queue_at
+
 ADAPTER = "npc"
 NAMES = [f"base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight"
          for i in range(2) for m in ("q", "v") for ab in ("A", "B")]
@@ -68,21 +70,7 @@ async def start_aggregator(bus_settings, tmp_path, **kw) -> Aggregator:
 
 
 async def read_queue(bus: Bus, queue: str, n: int, timeout: float = 15.0) -> list:
-    conn = await aio_pika.connect(bus.settings.amqp_url)
-    out = []
-    try:
-        ch = await conn.channel()
-        q = await ch.get_queue(queue)
-        end = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < end:
-            m = await q.get(no_ack=True, fail=False)
-            if m is None:
-                await asyncio.sleep(0.05)
-                continue
-            out.append(m)
-    finally:
-        await conn.close()
-    return out
+    return await read_queue_at(bus.settings.amqp_url, queue, n, timeout)
 
 
 async def wait_for(pred, timeout: float = 15.0, what: str = "condition"):

@@ -18,7 +18,7 @@ from npcbus import broker_setup as bs
 from npcbus.topology import Topology, model_route_key
 
 from .broker_roles import applied_roles
-from .conftest import broker_up
+from .conftest import broker_up, read_queue
 
 NS = "npcbus"
 T = Topology(NS)
@@ -290,26 +290,11 @@ async def test_each_role_is_refused_configure_on_exchanges_it_does_not_own():
 
 
 async def _dead_letters(url: str, n: int, timeout: float = 60.0) -> dict[str, tuple[str, str, str | None]]:
-    """task id -> (reject code, reason, user id of the dead-lettering consumer) of the first ``n``
-    dead letters."""
     from npcbus.codec import decode
     from npcbus.topology import H_REJECT_CODE, H_REJECT_REASON
 
-    conn = await aio_pika.connect(url)
-    out = {}
-    try:
-        ch = await conn.channel()
-        q = await ch.get_queue(T.dead_queue.name, ensure=False)
-        end = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < end:
-            m = await q.get(no_ack=True, fail=False)
-            if m is None:
-                await asyncio.sleep(0.05)
-                continue
-            out[decode(m.body).task_id] = (m.headers[H_REJECT_CODE], m.headers[H_REJECT_REASON], m.user_id)
-    finally:
-        await conn.close()
-    return out
+    return {decode(m.body).task_id: (m.headers[H_REJECT_CODE], m.headers[H_REJECT_REASON], m.user_id)
+            for m in await read_queue(url, T.dead_queue.name, n, timeout)}
 
 
 @pytest.mark.broker

@@ -29,7 +29,7 @@ from npcbus.messages import Cancel, Chunk, Delta, FinalResponse, GenerationReque
 from npcbus.settings import BusSettings
 from npcbus.topology import H_BATCH_REPLIES, H_CHUNK_STREAM, H_REJECT_CODE, H_REJECT_REASON, Topology
 
-from .conftest import ROOT, delete_namespace
+from .conftest import ROOT, delete_namespace, read_queue
 from .tcp_proxy import TCPProxy
 
 pytestmark = pytest.mark.broker
@@ -37,21 +37,7 @@ pytestmark = pytest.mark.broker
 
 async def collect_dead(bus: Bus, n: int, timeout: float = 15.0) -> list[aio_pika.abc.AbstractIncomingMessage]:
     """Read n messages from the namespace's dead-letter queue."""
-    conn = await aio_pika.connect(bus.settings.amqp_url)
-    out = []
-    try:
-        ch = await conn.channel()
-        q = await ch.get_queue(bus.topology.dead_queue.name)
-        end = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < end:
-            m = await q.get(no_ack=True, fail=False)
-            if m is None:
-                await asyncio.sleep(0.1)
-                continue
-            out.append(m)
-    finally:
-        await conn.close()
-    return out
+    return await read_queue(bus.settings.amqp_url, bus.topology.dead_queue.name, n, timeout)
 
 
 async def test_use_before_connect_is_refused(bus_settings):
