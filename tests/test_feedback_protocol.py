@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-import aio_pika
 import pytest
 
 from gateway.protocol import ProtocolError, parse_frame, protocol_schema
@@ -14,6 +12,7 @@ from npcbus.bus import Bus
 from npcbus.codec import decode
 from npcbus.messages import Experience
 
+from .conftest import read_queue
 from .gateway_util import WS, FakeConsumer, cleanup_namespace, gateway_settings, running_gateway
 
 
@@ -53,21 +52,7 @@ async def consumer(bus_settings, gbus):
 
 
 async def _experiences(url: str, queue: str, n: int, timeout: float = 10.0) -> list[Experience]:
-    conn = await aio_pika.connect(url)
-    got = []
-    try:
-        ch = await conn.channel()
-        q = await ch.get_queue(queue)
-        end = time.monotonic() + timeout
-        while len(got) < n and time.monotonic() < end:
-            m = await q.get(no_ack=True, fail=False)
-            if m is None:
-                await asyncio.sleep(0.05)
-                continue
-            got.append(decode(m.body))
-    finally:
-        await conn.close()
-    return got
+    return [decode(m.body) for m in await read_queue(url, queue, n, timeout)]
 
 
 @pytest.mark.broker

@@ -801,18 +801,10 @@ class InferenceWorker:
         if d.redelivered:
             log.info("redelivered request: answering with the final event only")
 
-        async def send(m) -> None:
+        async def send(*msgs) -> None:
             nonlocal seq
             try:
-                await self.bus.reply(d, m, coalesce=True)
-            except Unroutable:
-                raise RequesterGone() from None
-            seq += 1
-
-        async def send_last(msgs: list) -> None:
-            nonlocal seq
-            try:
-                await self.bus.reply_many(d, msgs)
+                await self.bus.reply_many(d, list(msgs))
             except Unroutable:
                 raise RequesterGone() from None
             seq += len(msgs)
@@ -997,7 +989,7 @@ class InferenceWorker:
         final = FinalResponse(rid, seq + len(last), text, finish.reason, response, valid, adapter_name,
                               adapter_version, usage, timings, self.worker_id)
         with contextlib.suppress(RequesterGone):
-            await send_last([*last, final])
+            await send(*last, final)
         self.served += 1
         _metric_requests("ok" if valid else "invalid_output")
         log.debug("request served", finish=finish.reason, completion_tokens=completion, total_ms=total_ms,
