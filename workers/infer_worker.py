@@ -38,6 +38,10 @@ is removed from the engine when its last request ends.
 
 Heartbeats (``consumer_heartbeat`` on the events fanout, every ``HEARTBEAT_INTERVAL_S``) tell the
 gateway which consumers are alive, their capacity and load, and the adapter versions they hold.
+
+``ENGINE_CPUS`` puts the engine's own processes (vLLM) on CPUs of their own and the consumer's
+threads on the others (:mod:`workers.engines.cpus`), for hosts where the consumer shares CPUs with
+the broker or a gateway.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from npcbus.settings import Settings, env_field
+from workers.engines.cpus import cpu_list_ok
 
 # heavy imports (torch, vllm, the engines) happen inside functions
 
@@ -100,6 +105,13 @@ class InferSettings(Settings):
     gpu_memory_utilization: float = env_field(
         "GPU_MEMORY_UTILIZATION", 0.0, "vLLM on GPUs: fraction of GPU memory for the engine (0: vLLM's default).",
         check=lambda x: 0 <= x <= 1, check_msg="must be between 0 and 1")
+    engine_cpus: str = env_field(
+        "ENGINE_CPUS", "",
+        "CPUs for the engine's own processes (vLLM's engine core and workers), e.g. `1` or `2-7,12`; the "
+        "consumer's threads keep to the other CPUs it may use. For hosts where the consumer shares CPUs with the "
+        "broker or a gateway: vLLM's engine core polls its workers in a loop, and each broker hop then waits for a "
+        "core (docs/benchmarks.md). Empty: no confinement. Ignored by the transformers engine.",
+        check=cpu_list_ok, check_msg="use a CPU list such as 1 or 2-7,12")
     engine_extra_args: str = env_field(
         "ENGINE_EXTRA_ARGS", "", "JSON object of extra vLLM AsyncEngineArgs (e.g. {\"enforce_eager\": true}).",
         check=_json_object, check_msg="must be a JSON object")
@@ -1074,6 +1086,7 @@ async def serve(settings: InferSettings, *, bus_settings=None, model_settings=No
     from npcbus.model import resolve_base_model
     from npcbus.settings import BusSettings, ModelSettings
     from workers.engines import make_engine
+    from workers.engines.cpus import start_engine
 
     log = get_logger("workers.infer")
     bus_settings = bus_settings or BusSettings.from_env()
@@ -1088,7 +1101,7 @@ async def serve(settings: InferSettings, *, bus_settings=None, model_settings=No
         log.info("no adapter manifest", error=str(e))
     start_metrics_server(bus_settings.metrics_port)
     engine = make_engine(settings, model)
-    await engine.start()
+    await start_engine(engine, settings.engine_cpus, log)
     bus = Bus(bus_settings, name="infer")
     code = 0
     try:

@@ -14,8 +14,9 @@ A custom engine implements the small interface in :mod:`workers.engines.base`: `
 (an async iterator of :class:`~workers.engines.base.TokenEvent` ending with one
 :class:`~workers.engines.base.FinishEvent`), ``abort``, ``add_adapter``, ``remove_adapter``,
 ``health``, optionally ``start``/``close``, and the attributes ``name``, ``capacity``,
-``tokenizer`` (None is fine: prompts then arrive as text and NPC prompts use the plain format) and
-``max_model_len``.
+``tokenizer`` (None is fine: prompts then arrive as text and NPC prompts use the plain format),
+``max_model_len`` and ``own_processes`` (true when it computes in processes of its own, which
+``ENGINE_CPUS`` then confines; see :mod:`workers.engines.cpus`).
 """
 
 from __future__ import annotations

@@ -151,6 +151,10 @@ class Engine(abc.ABC):
     #: the longest prompt + output in tokens the engine accepts (0: unknown)
     max_model_len: int = 0
 
+    #: the engine computes in processes of its own (``ENGINE_CPUS`` confines them, see
+    #: :mod:`workers.engines.cpus`); false when it runs in the consumer's process
+    own_processes: bool = False
+
     def __init__(self) -> None:
         #: the last finished generations: (request id, finish reason, completion tokens, unix time)
         self.finished: collections.deque[tuple[str, str, int, float]] = collections.deque(maxlen=1000)

@@ -71,6 +71,7 @@ def vllm_available() -> bool:
 
 class VLLMEngine(Engine):
     name = "vllm"
+    own_processes = True
 
     def __init__(self, settings, model: str):
         super().__init__()
