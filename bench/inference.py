@@ -132,10 +132,14 @@ async def bus_run(client, requests: list, concurrency: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
     lengths: list[int] = []
+    # where a first token's time went: request hop (publish -> consumer's handler), the engine
+    # (handler -> first token, the consumer's own timing), the rest (first token -> requester)
+    hops: dict[str, list[float]] = {"request_hop": [], "engine": [], "reply_hop": []}
 
     async def one(req):
         async with sem:
             req.request_id = uuid.uuid4().hex
+            req.created_at = time.time()
             t0 = time.perf_counter()
             first = None
             async for ev in client.request_stream(client.topology.gen_exchange, MODEL_ID, req, timeout=300):
@@ -143,6 +147,11 @@ async def bus_run(client, requests: list, concurrency: int) -> dict:
                     first = time.perf_counter() - t0
                 elif isinstance(ev, FinalResponse):
                     lengths.append(ev.usage["completion_tokens"])
+                    t = ev.timings or {}
+                    if first is not None and t.get("queue_ms") is not None and t.get("ttft_ms") is not None:
+                        hops["request_hop"].append(t["queue_ms"] / 1000)
+                        hops["engine"].append(t["ttft_ms"] / 1000)
+                        hops["reply_hop"].append(first - (t["queue_ms"] + t["ttft_ms"]) / 1000)
                     break
                 elif isinstance(ev, GenerationError):
                     raise RuntimeError(f"generation failed: {ev.code}: {ev.message}")
@@ -151,7 +160,7 @@ async def bus_run(client, requests: list, concurrency: int) -> dict:
     t0 = time.perf_counter()
     await asyncio.gather(*[one(r) for r in requests])
     wall = time.perf_counter() - t0
-    return {"tokens": sum(lengths), "wall": wall, "ttfts": ttfts, "lengths": lengths}
+    return {"tokens": sum(lengths), "wall": wall, "ttfts": ttfts, "lengths": lengths, "hops": hops}
 
 
 def bench_texts(n: int) -> list[str]:
@@ -203,7 +212,7 @@ def tps(run: dict) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-async def bench_bus(engine, args) -> None:
+async def bench_bus(engine, args, placement: dict | None = None) -> None:
     from npcbus.bus import Bus
     from npcbus.settings import BusSettings
     from workers.engines.base import SamplingSpec
@@ -252,8 +261,9 @@ async def bench_bus(engine, args) -> None:
                 else:
                     via_bus.append(await via_the_bus())
                 run = (direct if mode == "direct" else via_bus)[-1]
-                log(f"  round {r} {mode}: {tps(run):.1f} tok/s, ttft p50 {percentile(run['ttfts'], 0.5) * 1000:.1f} ms, "
-                    f"consumer process cpu {time.process_time() - cpu0:.2f} s")
+                hops = "".join(f", {k} p50 {percentile(v, 0.5) * 1000:.1f} ms" for k, v in run.get("hops", {}).items())
+                log(f"  round {r} {mode}: {tps(run):.1f} tok/s, ttft p50 {percentile(run['ttfts'], 0.5) * 1000:.1f} ms"
+                    f"{hops}, consumer process cpu {time.process_time() - cpu0:.2f} s")
         assert all(run["tokens"] == args.requests * args.tokens for run in direct + via_bus)
         d_tps = statistics.median(tps(x) for x in direct)
         b_tps = statistics.median(tps(x) for x in via_bus)
@@ -261,6 +271,8 @@ async def bench_bus(engine, args) -> None:
         ratio = statistics.median(tps(b) / tps(d) for b, d in zip(via_bus, direct, strict=True))
         common = {"engine": engine.name, "requests": args.requests, "concurrency": args.concurrency,
                   "tokens_per_request": args.tokens, "rounds": args.rounds, "cpus": os.cpu_count(),
+                  "engine_cpus": placement["engine"] if placement else None,
+                  "consumer_cpus": placement["consumer"] if placement else None,
                   "load_avg_1m": round(os.getloadavg()[0], 2)}
         emit("inference.bus_throughput_ratio", b_tps, d_tps, ">=0.9", ratio >= 0.9, ratio=ratio, unit="tokens/s",
              ratio_of_medians=round(b_tps / d_tps, 4), token_batch_ms=ws.token_batch_ms,
@@ -369,19 +381,54 @@ async def structured_output(engine, args) -> None:
          mean_tokens=round(statistics.mean(lengths), 1), load_avg_1m=round(os.getloadavg()[0], 2))
 
 
+def engine_cpus(choice: str) -> str:
+    """``--engine-cpus``: ``auto`` gives the engine the upper half of this process's CPUs (at
+    least one) when there are two or more, ``none`` confines nothing, else a CPU list."""
+    if choice == "none":
+        return ""
+    if choice != "auto":
+        return choice
+    from workers.engines.cpus import format_cpu_list
+
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(allowed) < 2:
+        return ""
+    return format_cpu_list(allowed[len(allowed) - max(1, len(allowed) // 2):])
+
+
+async def start(kind: str, model: str, capacity: int, cpus: str = ""):
+    from workers.engines import make_engine
+    from workers.engines.cpus import start_engine
+
+    engine = make_engine(settings(kind, capacity), model)
+    t0 = time.perf_counter()
+    placement = await start_engine(engine, cpus)
+    where = f" on CPUs {placement['engine']} (this process on {placement['consumer']})" if placement else ""
+    log(f"{kind} engine started in {time.perf_counter() - t0:.1f} s{where}")
+    return engine, placement
+
+
 async def main_async(args) -> int:
     from workers.engines import make_engine, resolve_engine_kind
 
     model = model_path()
     kind = resolve_engine_kind("auto")
     log(f"model {model}; engine {kind}")
-    engine = make_engine(settings(kind, max(args.concurrency, 16)), model)
-    t0 = time.perf_counter()
-    await engine.start()
-    log(f"{kind} engine started in {time.perf_counter() - t0:.1f} s")
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    capacity = max(args.concurrency, 16)
+    engine, placement = await start(kind, model, capacity, engine_cpus(args.engine_cpus))
     try:
         log("bus overhead ...")
-        await bench_bus(engine, args)
+        await bench_bus(engine, args, placement)
+    finally:
+        if placement is not None:
+            await engine.close()
+            from workers.engines.cpus import set_process_cpus
+
+            set_process_cpus(allowed)
+    if placement is not None:  # the other figures on an engine placed as the OS likes
+        engine, _ = await start(kind, model, capacity)
+    try:
         log("structured output ...")
         await structured_output(engine, args)
         main_run = None
@@ -414,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--same-process-requester", dest="separate_requester", action="store_false",
                    help="run the requester in this process (default: a process of its own, as a gateway is)")
     p.add_argument("--token-batch-ms", type=float, help="the consumer's TOKEN_BATCH_MS (default: the setting's)")
+    p.add_argument("--engine-cpus", default="auto", metavar="auto|none|LIST",
+                   help="ENGINE_CPUS for the bus figures: the engine's processes on these CPUs, the consumer and "
+                        "requester on the others (auto: the upper half of the CPUs when there are two or more; "
+                        "none: no confinement). The other figures run on an engine placed as the OS likes.")
     p.add_argument("--requester", metavar="NAMESPACE", help=argparse.SUPPRESS)
     p.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
