@@ -151,9 +151,10 @@ async def test_vllm_engine_runs_confined(model_dir, restore_cpus):
     settings = InferSettings.from_env({}, engine="vllm", max_concurrency=4, max_loras=1, dtype="float32",
                                       max_model_len=512, engine_cpus=str(cpu))
     engine = make_engine(settings, model_dir)
+    before = _descendants(os.getpid())  # processes other tests of this session may have left
     try:
         assert await start_engine(engine, settings.engine_cpus) is not None
-        children = _descendants(os.getpid())
+        children = _descendants(os.getpid()) - before
         assert children, "vLLM started no process of its own"
         for pid in children:
             for tid in os.listdir(f"/proc/{pid}/task"):
