@@ -18,7 +18,10 @@ InferenceWorker`) and a requester on the RabbitMQ at ``AMQP_URL`` under a throw-
 2. ``inference.bus_ttft_p50_ms``: time to first token at the requester through the bus against
    direct calls (p50 over every request of those runs). Goal: at most 5 ms above direct. The line
    also gives the same with one request at a time (``concurrency1_*``): the bus's own latency,
-   without queueing behind the other streams.
+   without queueing behind the other streams. ``inference.bus_ttft_staggered_p50_ms`` (reported):
+   the same load with the streams' starts spread over one request's duration, so that arrivals do
+   not come in bursts that line up with the engine's steps (the streams of the goal figure all
+   end, and send their next requests, together).
 3. ``inference.engine_tokens_per_s``: vLLM against the transformers+PEFT engine, 16 concurrent
    requests, same prompts and token counts, one after the other in the same run. Reported.
 4. ``inference.structured_output_tokens_per_s``: NPC requests with the response-schema constraint
@@ -98,7 +101,14 @@ def settings(kind: str, concurrency: int):
 # ------------------------------------------------------------------------------------------------
 
 
-async def direct_run(engine, prompts: list, params_for, concurrency: int) -> dict:
+async def _stagger(i: int, concurrency: int, stagger_s: float) -> None:
+    """With ``stagger_s``, the first ``concurrency`` requests start spread over that many seconds
+    (and, as every request is as long as the others, so do the ones after them in each slot)."""
+    if stagger_s and i < concurrency:
+        await asyncio.sleep(i * stagger_s / concurrency)
+
+
+async def direct_run(engine, prompts: list, params_for, concurrency: int, stagger_s: float = 0.0) -> dict:
     """Call the engine directly; returns tokens, wall seconds, per-request TTFTs and lengths."""
     from workers.engines.base import TokenEvent
 
@@ -108,6 +118,7 @@ async def direct_run(engine, prompts: list, params_for, concurrency: int) -> dic
 
     async def one(i, prompt):
         async with sem:
+            await _stagger(i, concurrency, stagger_s)
             t0 = time.perf_counter()
             first = None
             n = 0
@@ -125,7 +136,7 @@ async def direct_run(engine, prompts: list, params_for, concurrency: int) -> dic
     return {"tokens": sum(lengths), "wall": wall, "ttfts": ttfts, "lengths": lengths}
 
 
-async def bus_run(client, requests: list, concurrency: int) -> dict:
+async def bus_run(client, requests: list, concurrency: int, stagger_s: float = 0.0) -> dict:
     """Send generation requests through the bus; same figures as :func:`direct_run`."""
     from npcbus.messages import FinalResponse, GenerationError, TokenDelta
 
@@ -136,8 +147,9 @@ async def bus_run(client, requests: list, concurrency: int) -> dict:
     # (handler -> first token, the consumer's own timing), the rest (first token -> requester)
     hops: dict[str, list[float]] = {"request_hop": [], "engine": [], "reply_hop": []}
 
-    async def one(req):
+    async def one(i, req):
         async with sem:
+            await _stagger(i, concurrency, stagger_s)
             req.request_id = uuid.uuid4().hex
             req.created_at = time.time()
             t0 = time.perf_counter()
@@ -158,7 +170,7 @@ async def bus_run(client, requests: list, concurrency: int) -> dict:
             ttfts.append(first or 0.0)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*[one(r) for r in requests])
+    await asyncio.gather(*[one(i, r) for i, r in enumerate(requests)])
     wall = time.perf_counter() - t0
     return {"tokens": sum(lengths), "wall": wall, "ttfts": ttfts, "lengths": lengths, "hops": hops}
 
@@ -185,7 +197,8 @@ async def requester_main(args) -> int:
     try:
         if args.warmup:
             await bus_run(client, bus_requests(args.concurrency, args.tokens), args.concurrency)
-        run = await bus_run(client, bus_requests(args.requests, args.tokens), args.concurrency)
+        run = await bus_run(client, bus_requests(args.requests, args.tokens), args.concurrency,
+                            getattr(args, "stagger_s", 0.0) or 0.0)
     finally:
         await client.close()
     print(json.dumps(run), flush=True)
@@ -194,7 +207,8 @@ async def requester_main(args) -> int:
 
 async def bus_run_in_child(ns: str, args, *, warmup: bool = False) -> dict:
     cmd = [sys.executable, "-m", "bench.inference", "--requester", ns, "--requests", str(args.requests),
-           "--tokens", str(args.tokens), "--concurrency", str(args.concurrency)] + (["--warmup"] if warmup else [])
+           "--tokens", str(args.tokens), "--concurrency", str(args.concurrency),
+           "--stagger-s", str(getattr(args, "stagger_s", 0.0) or 0.0)] + (["--warmup"] if warmup else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
@@ -296,6 +310,25 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
              above_ms=round(p50b - p50d, 3), p90_ms=round(percentile(b_ttft, 0.9), 3),
              baseline_p90_ms=round(percentile(d_ttft, 0.9), 3), concurrency1_p50_ms=round(c1b, 3),
              concurrency1_baseline_p50_ms=round(c1d, 3), concurrency1_above_ms=round(c1b - c1d, 3), **common)
+        # the same load with the streams' starts spread over one request's duration: arrivals that
+        # do not line up with each other (as players' do) nor with the engine's steps. Reported.
+        stagger_s = statistics.median(x["wall"] for x in direct) * args.concurrency / args.requests
+        spread = argparse.Namespace(**{**vars(args), "stagger_s": stagger_s})
+        st_d, st_b = [], []
+        for r in range(1 if args.quick else 2):
+            for mode in (("direct", "bus") if r % 2 == 0 else ("bus", "direct")):
+                if mode == "direct":
+                    st_d += (await direct_run(engine, prompts, params, args.concurrency, stagger_s))["ttfts"]
+                elif client is None:
+                    st_b += (await bus_run_in_child(ns, spread))["ttfts"]
+                else:
+                    st_b += (await bus_run(client, bus_requests(args.requests, args.tokens), args.concurrency,
+                                           stagger_s))["ttfts"]
+        sd50, sb50 = percentile(st_d, 0.5) * 1000, percentile(st_b, 0.5) * 1000
+        log(f"  staggered over {stagger_s:.2f} s: ttft p50 direct {sd50:.1f} ms, bus {sb50:.1f} ms")
+        emit("inference.bus_ttft_staggered_p50_ms", sb50, sd50, "report", None, unit="ms",
+             above_ms=round(sb50 - sd50, 3), p90_ms=round(percentile(st_b, 0.9) * 1000, 3),
+             baseline_p90_ms=round(percentile(st_d, 0.9) * 1000, 3), stagger_s=round(stagger_s, 3), **common)
     finally:
         if worker is not None:
             await worker.stop(drain_timeout_s=5)
@@ -467,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                         "none: no confinement). The other figures run on an engine placed as the OS likes.")
     p.add_argument("--requester", metavar="NAMESPACE", help=argparse.SUPPRESS)
     p.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stagger-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.requests = args.requests or (48 if args.quick else 96)
     args.tokens = args.tokens or (64 if args.quick else 128)
