@@ -197,8 +197,7 @@ async def requester_main(args) -> int:
     try:
         if args.warmup:
             await bus_run(client, bus_requests(args.concurrency, args.tokens), args.concurrency)
-        run = await bus_run(client, bus_requests(args.requests, args.tokens), args.concurrency,
-                            getattr(args, "stagger_s", 0.0) or 0.0)
+        run = await bus_run(client, bus_requests(args.requests, args.tokens), args.concurrency, args.stagger_s)
     finally:
         await client.close()
     print(json.dumps(run), flush=True)
@@ -208,7 +207,7 @@ async def requester_main(args) -> int:
 async def bus_run_in_child(ns: str, args, *, warmup: bool = False) -> dict:
     cmd = [sys.executable, "-m", "bench.inference", "--requester", ns, "--requests", str(args.requests),
            "--tokens", str(args.tokens), "--concurrency", str(args.concurrency),
-           "--stagger-s", str(getattr(args, "stagger_s", 0.0) or 0.0)] + (["--warmup"] if warmup else [])
+           "--stagger-s", str(args.stagger_s)] + (["--warmup"] if warmup else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
@@ -257,11 +256,12 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
             await client.connect()
             await client.reply_queue()
 
-        async def via_the_bus(warmup: bool = False) -> dict:
+        async def via_the_bus(a: argparse.Namespace = args, *, warmup: bool = False) -> dict:
+            """One bus run of ``a``'s requests, from the requester process (or this one)."""
             if client is None:
-                return await bus_run_in_child(ns, args, warmup=warmup)
-            reqs = bus_requests(args.concurrency if warmup else args.requests, args.tokens)
-            return await bus_run(client, reqs, args.concurrency)
+                return await bus_run_in_child(ns, a, warmup=warmup)
+            reqs = bus_requests(a.concurrency if warmup else a.requests, a.tokens)
+            return await bus_run(client, reqs, a.concurrency, a.stagger_s)
 
         await via_the_bus()
         await direct_run(engine, prompts, params, args.concurrency)
@@ -301,10 +301,7 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
         for _ in range(2):
             solo_d += (await direct_run(engine, solo_prompts, lambda _i: SamplingSpec(max_tokens=8, ignore_eos=True),
                                         1))["ttfts"]
-            if client is None:
-                solo_b += (await bus_run_in_child(ns, one))["ttfts"]
-            else:
-                solo_b += (await bus_run(client, bus_requests(one.requests, one.tokens), 1))["ttfts"]
+            solo_b += (await via_the_bus(one))["ttfts"]
         c1d, c1b = percentile(solo_d, 0.5) * 1000, percentile(solo_b, 0.5) * 1000
         emit("inference.bus_ttft_p50_ms", p50b, p50d, "<=5ms above", p50b - p50d <= 5.0, unit="ms",
              above_ms=round(p50b - p50d, 3), p90_ms=round(percentile(b_ttft, 0.9), 3),
@@ -319,11 +316,8 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
             for mode in (("direct", "bus") if r % 2 == 0 else ("bus", "direct")):
                 if mode == "direct":
                     st_d += (await direct_run(engine, prompts, params, args.concurrency, stagger_s))["ttfts"]
-                elif client is None:
-                    st_b += (await bus_run_in_child(ns, spread))["ttfts"]
                 else:
-                    st_b += (await bus_run(client, bus_requests(args.requests, args.tokens), args.concurrency,
-                                           stagger_s))["ttfts"]
+                    st_b += (await via_the_bus(spread))["ttfts"]
         sd50, sb50 = percentile(st_d, 0.5) * 1000, percentile(st_b, 0.5) * 1000
         log(f"  staggered over {stagger_s:.2f} s: ttft p50 direct {sd50:.1f} ms, bus {sb50:.1f} ms")
         emit("inference.bus_ttft_staggered_p50_ms", sb50, sd50, "report", None, unit="ms",

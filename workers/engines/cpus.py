@@ -50,18 +50,13 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 
 def format_cpu_list(cpus: Iterable[int]) -> str:
     """``{0, 2, 3}`` -> ``"0,2-3"``."""
-    out: list[str] = []
-    run: list[int] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive CPUs
     for c in sorted(set(cpus)):
-        if run and c == run[-1] + 1:
-            run.append(c)
-            continue
-        if run:
-            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [c]
-    if run:
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(out)
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def cpu_list_ok(text: str) -> bool:
@@ -77,7 +72,7 @@ def set_process_cpus(cpus: Iterable[int]) -> None:
 
 def _descendants(pid: int) -> set[int]:
     """The processes below ``pid`` (from /proc; empty where there is none)."""
-    parents: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -93,13 +88,12 @@ def _descendants(pid: int) -> set[int]:
         # pid (comm) state ppid ...; comm may hold spaces and parentheses
         fields = stat[stat.rfind(b")") + 2:].split()
         if len(fields) > 1:
-            parents[int(entry)] = int(fields[1])
+            children.setdefault(int(fields[1]), []).append(int(entry))
     found: set[int] = set()
     todo = [pid]
     while todo:
-        p = todo.pop()
-        for child, parent in parents.items():
-            if parent == p and child not in found:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
                 found.add(child)
                 todo.append(child)
     return found
