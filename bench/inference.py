@@ -216,6 +216,13 @@ async def bus_run_in_child(ns: str, args, *, warmup: bool = False) -> dict:
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
+def alternating(rounds: int):
+    """(round, "direct" or "bus"), both sides each round, the one going first taking turns (the
+    machine's drift then falls on both alike)."""
+    for r in range(rounds):
+        yield from ((r, m) for m in (("direct", "bus") if r % 2 == 0 else ("bus", "direct")))
+
+
 def tps(run: dict) -> float:
     return run["tokens"] / run["wall"]
 
@@ -266,18 +273,16 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
         await via_the_bus()
         await direct_run(engine, prompts, params, args.concurrency)
         direct, via_bus = [], []
-        for r in range(args.rounds):
-            order = ("direct", "bus") if r % 2 == 0 else ("bus", "direct")
-            for mode in order:
-                cpu0 = time.process_time()
-                if mode == "direct":
-                    direct.append(await direct_run(engine, prompts, params, args.concurrency))
-                else:
-                    via_bus.append(await via_the_bus())
-                run = (direct if mode == "direct" else via_bus)[-1]
-                hops = "".join(f", {k} p50 {percentile(v, 0.5) * 1000:.1f} ms" for k, v in run.get("hops", {}).items())
-                log(f"  round {r} {mode}: {tps(run):.1f} tok/s, ttft p50 {percentile(run['ttfts'], 0.5) * 1000:.1f} ms"
-                    f"{hops}, consumer process cpu {time.process_time() - cpu0:.2f} s")
+        for r, mode in alternating(args.rounds):
+            cpu0 = time.process_time()
+            if mode == "direct":
+                direct.append(await direct_run(engine, prompts, params, args.concurrency))
+            else:
+                via_bus.append(await via_the_bus())
+            run = (direct if mode == "direct" else via_bus)[-1]
+            hops = "".join(f", {k} p50 {percentile(v, 0.5) * 1000:.1f} ms" for k, v in run.get("hops", {}).items())
+            log(f"  round {r} {mode}: {tps(run):.1f} tok/s, ttft p50 {percentile(run['ttfts'], 0.5) * 1000:.1f} ms"
+                f"{hops}, consumer process cpu {time.process_time() - cpu0:.2f} s")
         assert all(run["tokens"] == args.requests * args.tokens for run in direct + via_bus)
         d_tps = statistics.median(tps(x) for x in direct)
         b_tps = statistics.median(tps(x) for x in via_bus)
@@ -312,12 +317,11 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
         stagger_s = statistics.median(x["wall"] for x in direct) * args.concurrency / args.requests
         spread = argparse.Namespace(**{**vars(args), "stagger_s": stagger_s})
         st_d, st_b = [], []
-        for r in range(1 if args.quick else 2):
-            for mode in (("direct", "bus") if r % 2 == 0 else ("bus", "direct")):
-                if mode == "direct":
-                    st_d += (await direct_run(engine, prompts, params, args.concurrency, stagger_s))["ttfts"]
-                else:
-                    st_b += (await via_the_bus(spread))["ttfts"]
+        for _r, mode in alternating(1 if args.quick else 2):
+            if mode == "direct":
+                st_d += (await direct_run(engine, prompts, params, args.concurrency, stagger_s))["ttfts"]
+            else:
+                st_b += (await via_the_bus(spread))["ttfts"]
         sd50, sb50 = percentile(st_d, 0.5) * 1000, percentile(st_b, 0.5) * 1000
         log(f"  staggered over {stagger_s:.2f} s: ttft p50 direct {sd50:.1f} ms, bus {sb50:.1f} ms")
         emit("inference.bus_ttft_staggered_p50_ms", sb50, sd50, "report", None, unit="ms",

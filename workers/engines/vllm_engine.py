@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -65,13 +66,15 @@ def _on_cpu() -> bool:
         return False
 
 
-def _engine_input(ids: list[int]) -> dict:
-    """The prompt as vLLM takes it: rendered token input where this vLLM has it, else raw."""
+@functools.cache
+def _engine_input():
+    """What makes a prompt of token ids as vLLM takes it: rendered token input where this vLLM
+    has it, else the raw form (looked up once)."""
     try:
         from vllm.inputs import tokens_input
     except ImportError:
-        return {"prompt_token_ids": ids}
-    return tokens_input(ids)
+        return lambda ids: {"prompt_token_ids": ids}
+    return tokens_input
 
 
 def vllm_available() -> bool:
@@ -246,7 +249,7 @@ class VLLMEngine(Engine):
         finish: FinishEvent | None = None
         self._running.add(request_id)
         try:
-            gen = self.llm.generate(_engine_input(ids), sp, request_id,
+            gen = self.llm.generate(_engine_input()(ids), sp, request_id,
                                     lora_request=self._lora_request(entry) if entry else None)
             try:
                 async for out in gen:
