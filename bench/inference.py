@@ -21,7 +21,11 @@ InferenceWorker`) and a requester on the RabbitMQ at ``AMQP_URL`` under a throw-
    without queueing behind the other streams. ``inference.bus_ttft_staggered_p50_ms`` (reported):
    the same load with the streams' starts spread over one request's duration, so that arrivals do
    not come in bursts that line up with the engine's steps (the streams of the goal figure all
-   end, and send their next requests, together).
+   end, and send their next requests, together). The goal figure's line also carries the floor
+   that the broker sets on the machine at hand, measured in the same run with no npcbus code and
+   no engine: the round-trip p50 of bare aio-pika RPCs answered at once, one at a time
+   (``bare_broker_rpc_p50_ms``) and in bursts of the same concurrency
+   (``bare_broker_burst_rpc_p50_ms``).
 3. ``inference.engine_tokens_per_s``: vLLM against the transformers+PEFT engine, 16 concurrent
    requests, same prompts and token counts, one after the other in the same run. Reported.
 4. ``inference.structured_output_tokens_per_s``: NPC requests with the response-schema constraint
@@ -175,6 +179,28 @@ async def bus_run(client, requests: list, concurrency: int, stagger_s: float = 0
     return {"tokens": sum(lengths), "wall": wall, "ttfts": ttfts, "lengths": lengths, "hops": hops}
 
 
+async def bare_broker_floor(ns: str, concurrency: int, bursts: int) -> dict:
+    """Round-trip p50s (ms) of bare aio-pika RPCs on the same broker (:class:`bench.bus.BareRpc`:
+    no npcbus code, a responder that answers at once, no engine), one at a time and in bursts of
+    ``concurrency`` sent together: what the broker and the client library alone cost on this
+    machine, against which the bus figures can be read. Measured while the engine is idle, so it
+    is a lower bound."""
+    from bench.bus import BareRpc
+
+    bare = await BareRpc().start(ns)
+    try:
+        for _ in range(20):
+            await bare.call()
+        one = [await bare.call() for _ in range(40)]
+        burst: list[float] = []
+        for _ in range(bursts):
+            burst += await asyncio.gather(*(bare.call() for _ in range(concurrency)))
+            await asyncio.sleep(0.05)
+    finally:
+        await bare.stop()
+    return {"one": percentile(one, 0.5) * 1000, "burst": percentile(burst, 0.5) * 1000}
+
+
 def bench_texts(n: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(n)]
 
@@ -308,10 +334,15 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
                                         1))["ttfts"]
             solo_b += (await via_the_bus(one))["ttfts"]
         c1d, c1b = percentile(solo_d, 0.5) * 1000, percentile(solo_b, 0.5) * 1000
+        floor = await bare_broker_floor(ns, args.concurrency, 10 if args.quick else 20)
+        log(f"  bare aio-pika round trip on this broker: p50 {floor['one']:.2f} ms one at a time, "
+            f"{floor['burst']:.2f} ms in bursts of {args.concurrency}")
         emit("inference.bus_ttft_p50_ms", p50b, p50d, "<=5ms above", p50b - p50d <= 5.0, unit="ms",
              above_ms=round(p50b - p50d, 3), p90_ms=round(percentile(b_ttft, 0.9), 3),
              baseline_p90_ms=round(percentile(d_ttft, 0.9), 3), concurrency1_p50_ms=round(c1b, 3),
-             concurrency1_baseline_p50_ms=round(c1d, 3), concurrency1_above_ms=round(c1b - c1d, 3), **common)
+             concurrency1_baseline_p50_ms=round(c1d, 3), concurrency1_above_ms=round(c1b - c1d, 3),
+             bare_broker_rpc_p50_ms=round(floor["one"], 3), bare_broker_burst_rpc_p50_ms=round(floor["burst"], 3),
+             **common)
         # the same load with the streams' starts spread over one request's duration: arrivals that
         # do not line up with each other (as players' do) nor with the engine's steps. Reported.
         stagger_s = statistics.median(x["wall"] for x in direct) * args.concurrency / args.requests
