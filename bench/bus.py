@@ -67,11 +67,11 @@ class BareRpc:
     with aio-pika's defaults (publisher confirms on), exclusive callback queue, futures by
     correlation id, raw bytes."""
 
-    async def start(self, ns: str) -> BareRpc:
+    async def start(self, ns: str, prefetch: int = 10) -> BareRpc:
         self.conn = await aio_pika.connect_robust(URL)
         self.cconn = await aio_pika.connect_robust(URL)
         sch = await self.conn.channel()
-        await sch.set_qos(prefetch_count=10)
+        await sch.set_qos(prefetch_count=prefetch)
         ex = await sch.declare_exchange(f"{ns}.bare", "direct", auto_delete=True)
         q = await sch.declare_queue(f"{ns}.bare.rpc", auto_delete=True)
         await q.bind(ex, "rpc")

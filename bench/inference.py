@@ -182,12 +182,13 @@ async def bus_run(client, requests: list, concurrency: int, stagger_s: float = 0
 async def bare_broker_floor(ns: str, concurrency: int, bursts: int) -> dict:
     """Round-trip p50s (ms) of bare aio-pika RPCs on the same broker (:class:`bench.bus.BareRpc`:
     no npcbus code, a responder that answers at once, no engine), one at a time and in bursts of
-    ``concurrency`` sent together: what the broker and the client library alone cost on this
-    machine, against which the bus figures can be read. Measured while the engine is idle, so it
-    is a lower bound."""
+    ``concurrency`` sent together (the responder's prefetch, like the consumer's, holds a whole
+    burst): what the broker and the client library alone cost on this machine, against which the
+    bus figures can be read. Measured while the engine is idle, so it is a lower bound."""
     from bench.bus import BareRpc
+    from workers.infer_worker import gen_prefetch
 
-    bare = await BareRpc().start(ns)
+    bare = await BareRpc().start(ns, prefetch=gen_prefetch(concurrency))
     try:
         for _ in range(20):
             await bare.call()
