@@ -275,6 +275,37 @@ async def test_vllm_takes_prompts_without_its_input_thread(engine, monkeypatch):
     assert threaded == [] and inline == [1]
 
 
+@amod
+async def test_vllm_abort_that_fails_is_logged_and_the_request_runs_on(engine, monkeypatch):
+    """A failing ``AsyncLLM.abort`` does not fail the caller (a cancel handler) but is logged,
+    naming the request, and the request still ends with its own finish event."""
+    if engine.name != "vllm":
+        pytest.skip("vLLM's abort only")
+    from workers.engines import vllm_engine
+
+    warnings = []
+    monkeypatch.setattr(vllm_engine.log, "warning", lambda event, **kw: warnings.append((event, kw)), raising=False)
+
+    own_abort = engine.llm.abort
+
+    async def refuse(request_id, *args, **kw):
+        if kw.get("internal"):  # vLLM's own clean-up of a finished stream goes through
+            return await own_abort(request_id, *args, **kw)
+        raise RuntimeError("engine core unreachable")
+
+    monkeypatch.setattr(engine.llm, "abort", refuse)
+    events = []
+    gen = engine.generate("abort-fails", engine.tokenizer(PROMPTS[0])["input_ids"],
+                          SamplingSpec(max_tokens=24, ignore_eos=True))
+    async for ev in gen:
+        events.append(ev)
+        if len(events) == 1:
+            await engine.abort("abort-fails")
+    assert isinstance(events[-1], FinishEvent) and events[-1].reason == "length"
+    assert [kw["request_id"] for _, kw in warnings] == ["abort-fails"]
+    assert "engine core unreachable" in warnings[0][1]["error"]
+
+
 # ------------------------------------------------------------------------------------------------
 # unit tests (no engine)
 # ------------------------------------------------------------------------------------------------

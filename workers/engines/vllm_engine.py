@@ -286,8 +286,11 @@ class VLLMEngine(Engine):
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None and request_id in self._running:
-            with contextlib.suppress(Exception):
+            try:
                 await self.llm.abort(request_id)
+            except Exception as e:  # noqa: BLE001 - the request runs on; say so instead of failing the caller
+                log.warning("vLLM refused to abort a request; it runs to its end", request_id=request_id,
+                            error=f"{type(e).__name__}: {e}")
 
     async def health(self) -> EngineHealth:
         if self.llm is None:
