@@ -275,10 +275,10 @@ async def test_cancel_stops_the_generation_at_the_engine(engine, bus_settings, t
         err = events[-1]
         # what the stream and the engine saw, should this fail again (it did once in CI: two
         # events before the final, 1500 tokens, as if the cancel and the stream had both stalled)
-        seen = ([(type(e).__name__, e.seq) for e in events], engine_runs(engine, req.request_id))
+        runs = engine_runs(engine, req.request_id)
+        seen = ([(type(e).__name__, e.seq) for e in events], runs)
         assert isinstance(err, GenerationError) and err.code == "cancelled", (err, seen)
         assert "player left" in err.message
-        runs = engine_runs(engine, req.request_id)
         assert len(runs) == 1 and runs[0][1] == "abort" and runs[0][2] < 1500
         assert time.monotonic() - started < 60
 
