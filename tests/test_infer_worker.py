@@ -180,6 +180,33 @@ async def wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.asynccontextmanager
+async def loop_lag_probe(period_s: float = 0.01):
+    """Watch this event loop while the block runs: yields a dict whose ``max_lag_ms`` is the
+    longest a 10 ms sleep overran, and ``at_s`` when (seconds after the block began). The
+    requester, the consumers and vLLM's output handler share this loop in these tests, so a
+    failure message with a large lag says the whole process stalled, not one path."""
+    loop = asyncio.get_running_loop()
+    begun = loop.time()
+    seen = {"max_lag_ms": 0.0, "at_s": 0.0}
+
+    async def probe():
+        while True:
+            t = loop.time()
+            await asyncio.sleep(period_s)
+            lag = (loop.time() - t - period_s) * 1000
+            if lag > seen["max_lag_ms"]:
+                seen.update(max_lag_ms=round(lag, 1), at_s=round(t - begun, 3))
+
+    task = asyncio.create_task(probe())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def engine_runs(engine, request_id: str) -> list[tuple]:
     """What the engine recorded for the runs of one request (run ids are ``<request id>:<suffix>``)."""
     return [f for f in engine.finished if f[0].split(":")[0] == request_id]
@@ -271,12 +298,15 @@ async def test_cancel_stops_the_generation_at_the_engine(engine, bus_settings, t
                                        persistent=False, mandatory=False)
 
         started = time.monotonic()
-        events = await h.ask(req, on_event=cancel_on_first)
+        async with loop_lag_probe() as lag:
+            events = await h.ask(req, on_event=cancel_on_first)
         err = events[-1]
-        # what the stream and the engine saw, should this fail again (it did once in CI: two
-        # events before the final, 1500 tokens, as if the cancel and the stream had both stalled)
+        # what the stream, the engine and this process's event loop saw, should this fail again
+        # (it did once in CI: two events before the final, 1500 tokens, as if the cancel and the
+        # stream had both stalled)
         runs = engine_runs(engine, req.request_id)
-        seen = ([(type(e).__name__, e.seq) for e in events], runs)
+        seen = ([(type(e).__name__, e.seq) for e in events], runs, {"event_loop": lag,
+                                                                   "took_s": round(time.monotonic() - started, 2)})
         assert isinstance(err, GenerationError) and err.code == "cancelled", (err, seen)
         assert "player left" in err.message
         assert len(runs) == 1 and runs[0][1] == "abort" and runs[0][2] < 1500
@@ -601,3 +631,16 @@ def test_generation_prefetch_is_capacity_plus_a_quarter():
     from workers.infer_worker import gen_prefetch
 
     assert [gen_prefetch(c) for c in (0, 1, 4, 16, 64)] == [2, 2, 5, 20, 80]
+
+
+@pytest.mark.asyncio
+async def test_loop_lag_probe_reports_a_stalled_event_loop():
+    # the cancel test's failure message relies on it: a blocked loop must show, an idle one not
+    async with loop_lag_probe() as idle:
+        await asyncio.sleep(0.1)
+    async with loop_lag_probe() as stalled:
+        await asyncio.sleep(0.05)
+        time.sleep(0.5)  # blocks the loop, as a stalled process would
+        await asyncio.sleep(0.05)
+    assert idle["max_lag_ms"] < 250
+    assert stalled["max_lag_ms"] >= 450 and 0.0 <= stalled["at_s"] < 0.2
