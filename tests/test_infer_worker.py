@@ -183,7 +183,7 @@ async def wait_for(pred, timeout: float, what: str):
 @contextlib.asynccontextmanager
 async def loop_lag_probe(period_s: float = 0.01):
     """Watch this event loop while the block runs: yields a dict whose ``max_lag_ms`` is the
-    longest a 10 ms sleep overran, and ``at_s`` when (seconds after the block began). The
+    longest a sleep of ``period_s`` overran, and ``at_s`` when (seconds after the block began). The
     requester, the consumers and vLLM's output handler share this loop in these tests, so a
     failure message with a large lag says the whole process stalled, not one path."""
     loop = asyncio.get_running_loop()
