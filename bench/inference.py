@@ -25,7 +25,9 @@ InferenceWorker`) and a requester on the RabbitMQ at ``AMQP_URL`` under a throw-
    that the broker sets on the machine at hand, measured in the same run with no npcbus code and
    no engine: the round-trip p50 of bare aio-pika RPCs answered at once, one at a time
    (``bare_broker_rpc_p50_ms``) and in bursts of the same concurrency
-   (``bare_broker_burst_rpc_p50_ms``).
+   (``bare_broker_burst_rpc_p50_ms``; ``bare_broker_burst_first_rpc_ms``: the p50 over bursts of
+   each burst's quickest round trip, the two hops that the bus adds when a burst starts the
+   engine's step).
 3. ``inference.engine_tokens_per_s``: vLLM against the transformers+PEFT engine, 16 concurrent
    requests, same prompts and token counts, one after the other in the same run. Reported.
 4. ``inference.structured_output_tokens_per_s``: NPC requests with the response-schema constraint
@@ -184,7 +186,11 @@ async def bare_broker_floor(ns: str, concurrency: int, bursts: int) -> dict:
     no npcbus code, a responder that answers at once, no engine), one at a time and in bursts of
     ``concurrency`` sent together (the responder's prefetch, like the consumer's, holds a whole
     burst): what the broker and the client library alone cost on this machine, against which the
-    bus figures can be read. Measured while the engine is idle, so it is a lower bound."""
+    bus figures can be read. ``burst_first`` is the p50 over bursts of each burst's quickest round
+    trip: the first request of a burst to reach the other side and its answer back, the two hops
+    that the bus adds to the time to first token when a burst of requests starts the engine's
+    step (docs/benchmarks.md, "Inference"). Measured while the engine is idle, so it is a lower
+    bound."""
     from bench.bus import BareRpc
     from workers.infer_worker import gen_prefetch
 
@@ -194,12 +200,16 @@ async def bare_broker_floor(ns: str, concurrency: int, bursts: int) -> dict:
             await bare.call()
         one = [await bare.call() for _ in range(40)]
         burst: list[float] = []
+        firsts: list[float] = []
         for _ in range(bursts):
-            burst += await asyncio.gather(*(bare.call() for _ in range(concurrency)))
+            times = await asyncio.gather(*(bare.call() for _ in range(concurrency)))
+            burst += times
+            firsts.append(min(times))
             await asyncio.sleep(0.05)
     finally:
         await bare.stop()
-    return {"one": percentile(one, 0.5) * 1000, "burst": percentile(burst, 0.5) * 1000}
+    return {"one": percentile(one, 0.5) * 1000, "burst": percentile(burst, 0.5) * 1000,
+            "burst_first": percentile(firsts, 0.5) * 1000}
 
 
 def bench_texts(n: int) -> list[str]:
@@ -337,13 +347,13 @@ async def bench_bus(engine, args, placement: dict | None = None) -> None:
         c1d, c1b = percentile(solo_d, 0.5) * 1000, percentile(solo_b, 0.5) * 1000
         floor = await bare_broker_floor(ns, args.concurrency, 10 if args.quick else 20)
         log(f"  bare aio-pika round trip on this broker: p50 {floor['one']:.2f} ms one at a time, "
-            f"{floor['burst']:.2f} ms in bursts of {args.concurrency}")
+            f"{floor['burst']:.2f} ms in bursts of {args.concurrency} (the first of a burst {floor['burst_first']:.2f} ms)")
         emit("inference.bus_ttft_p50_ms", p50b, p50d, "<=5ms above", p50b - p50d <= 5.0, unit="ms",
              above_ms=round(p50b - p50d, 3), p90_ms=round(percentile(b_ttft, 0.9), 3),
              baseline_p90_ms=round(percentile(d_ttft, 0.9), 3), concurrency1_p50_ms=round(c1b, 3),
              concurrency1_baseline_p50_ms=round(c1d, 3), concurrency1_above_ms=round(c1b - c1d, 3),
              bare_broker_rpc_p50_ms=round(floor["one"], 3), bare_broker_burst_rpc_p50_ms=round(floor["burst"], 3),
-             **common)
+             bare_broker_burst_first_rpc_ms=round(floor["burst_first"], 3), **common)
         # the same load with the streams' starts spread over one request's duration: arrivals that
         # do not line up with each other (as players' do) nor with the engine's steps. Reported.
         stagger_s = statistics.median(x["wall"] for x in direct) * args.concurrency / args.requests
