@@ -189,8 +189,9 @@ async def bare_broker_floor(ns: str, concurrency: int, bursts: int) -> dict:
     bus figures can be read. ``burst_first`` is the p50 over bursts of each burst's quickest round
     trip: the first request of a burst to reach the other side and its answer back, the two hops
     that the bus adds to the time to first token when a burst of requests starts the engine's
-    step (docs/benchmarks.md, "Inference"). Measured while the engine is idle, so it is a lower
-    bound."""
+    step (docs/benchmarks.md, "Inference"). Requester and responder share this process, so a
+    burst's round trips also wait for each other's client work (an overstatement), while the engine
+    is idle (an understatement)."""
     from bench.bus import BareRpc
     from workers.infer_worker import gen_prefetch
 
