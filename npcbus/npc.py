@@ -45,6 +45,7 @@ __all__ = [
     "build_prompt", "format_training_example", "canonical_json", "strict_json_loads", "parse_response",
     "response_is_valid", "fallback_response", "refusal_response", "unsafe_input_category",
     "unsafe_text_category", "apply_safety_rails", "rails_audience", "mask_profanity", "action_allowed",
+    "dialogue_problems",
 ]
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # the repository's schemas/, packaged with npcbus
@@ -579,6 +580,64 @@ def strict_json_loads(text: str | bytes) -> Any:
     return value
 
 
+MIN_DIALOGUE_WORDS = 2
+MIN_LETTER_SHARE = 0.6
+_LETTER_WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
+_JSON_DEBRIS = re.compile(r'[{}\[\]]|":|",')
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+
+
+def _repetition(words: list[str], text: str) -> list[str]:
+    problems = []
+    run = 1
+    for i in range(1, len(words)):
+        run = run + 1 if words[i] == words[i - 1] else 1
+        if run == 4:
+            problems.append(f"repeats {words[i]!r} 4 times in a row")
+            break
+    grams: dict[tuple[str, ...], int] = {}
+    for gram in zip(words, words[1:], words[2:]):
+        grams[gram] = grams.get(gram, 0) + 1
+        if grams[gram] == 3:
+            problems.append(f"repeats {' '.join(gram)!r} 3 times")
+            break
+    sentences = [tuple(w.lower() for w in _LETTER_WORD.findall(part)) for part in _SENTENCE_END.split(text)]
+    for a, b in zip(sentences, sentences[1:]):
+        if len(a) >= 2 and a == b:
+            problems.append(f"says {' '.join(a)!r} twice in a row")
+            break
+    return problems
+
+
+def dialogue_problems(text: str) -> list[str]:
+    """Why a spoken line is not readable for a player; empty when it is.
+
+    A line is unreadable when it is empty or blank; has fewer than :data:`MIN_DIALOGUE_WORDS` words
+    of letters; is mostly punctuation or digits (letters under :data:`MIN_LETTER_SHARE` of the
+    characters that are not spaces); carries JSON debris (``{``, ``}``, ``[``, ``]``, ``":``,
+    ``",``, or it starts with ``:`` or ``,``); or says the same thing over and over (a word 4 times
+    in a row, a three-word phrase 3 times, a sentence twice in a row). Every shipped line, refusal
+    and fallback is readable.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return ["empty"]
+    problems = []
+    words = [w.lower() for w in _LETTER_WORD.findall(text)]
+    if len(words) < MIN_DIALOGUE_WORDS:
+        problems.append(f"fewer than {MIN_DIALOGUE_WORDS} words")
+    visible = [c for c in text if not c.isspace()]
+    letters = sum(c.isalpha() for c in visible)
+    if letters < MIN_LETTER_SHARE * len(visible):
+        problems.append(f"mostly punctuation or digits ({letters} letters in {len(visible)} characters)")
+    debris = list(dict.fromkeys(_JSON_DEBRIS.findall(text)))
+    start = text.lstrip()[0]
+    if start in ":,":
+        debris.insert(0, f"{start} at the start")
+    if debris:
+        problems.append(f"JSON debris ({', '.join(debris)})")
+    return problems + _repetition(words, text)
+
+
 def response_is_valid(problems: list[str]) -> bool:
     """Whether the model's own output was valid (no problem starting with ``invalid:``); rails may
     still have changed it (problems starting with ``rail:``)."""
@@ -589,10 +648,11 @@ def parse_response(text: str | bytes, request: Any) -> tuple[dict, list[str]]:
     """Parse and check generated text for a request; always returns a usable response.
 
     Steps: unsafe player input (for the audience) -> an in-character refusal, whatever was generated;
-    strict JSON (:func:`strict_json_loads`) and validation against :func:`response_schema_for` ->
-    :func:`fallback_response` on failure; then :func:`apply_safety_rails`. ``problems`` lists what
-    happened, each entry prefixed ``invalid:`` (the output was replaced by the fallback) or ``rail:``
-    (a safety rail changed it); empty when the output was used as generated.
+    strict JSON (:func:`strict_json_loads`), validation against :func:`response_schema_for` and a
+    readable spoken line (:func:`dialogue_problems`) -> :func:`fallback_response` on failure; then
+    :func:`apply_safety_rails`. ``problems`` lists what happened, each entry prefixed ``invalid:``
+    (the output was replaced by the fallback) or ``rail:`` (a safety rail changed it); empty when
+    the output was used as generated.
     """
     req = _req(request)
     category = unsafe_input_category(req)
@@ -612,6 +672,9 @@ def parse_response(text: str | bytes, request: Any) -> tuple[dict, list[str]]:
         return fallback_response(req, "invalid_schema"), problems
     response = {k: value[k] for k in RESPONSE_KEYS}
     response["relationship_change"] = int(response["relationship_change"])
+    unreadable = dialogue_problems(response["dialogue"])
+    if unreadable:
+        return fallback_response(req, "unreadable"), [f"invalid: unreadable dialogue: {p}" for p in unreadable]
     return apply_safety_rails(response, req)
 
 
@@ -831,7 +894,8 @@ _FALLBACKS = {
 def fallback_response(request: Any, reason: str) -> dict:
     """A safe in-character line used when no valid response is available.
 
-    ``reason`` (``invalid_json``, ``invalid_schema``, ``unsafe_output``, ``timeout``, ``overloaded``...)
+    ``reason`` (``invalid_json``, ``invalid_schema``, ``unreadable``, ``unsafe_output``, ``timeout``,
+    ``overloaded``...)
     picks the wording; the result is valid against :func:`response_schema_for` for the request.
     """
     req = _req(request)

@@ -470,6 +470,47 @@ def test_parse_response_validates_against_the_request_schema(field, resp):
     assert got == npc.fallback_response(req, "invalid_schema")
 
 
+UNREADABLE = [
+    # line the tiny default model wrote (or one like it), what makes it unreadable
+    (": ", "JSON debris (: at the start)"),
+    (", ", "JSON debris (, at the start)"),
+    ("} The stones near the blacksmith: Mind the kitchen...", "JSON debris (})"),
+    ("   ", "empty"),
+    ("Hmm.", "fewer than 2 words"),
+    ("... ?! 42, 17 -- 9", "mostly punctuation or digits"),
+    ("1234 5678 ok go", "mostly punctuation or digits"),
+    ("{dialogue", "JSON debris ({)"),
+    ("Well met [friend]", "JSON debris ([, ])"),
+    ("The gate is shut, friend. The gate is shut, friend.", "says 'the gate is shut friend' twice in a row"),
+    ("no no no no, not today", "repeats 'no' 4 times in a row"),
+    ("the old mill is by the old mill past the old mill", "repeats 'the old mill' 3 times"),
+]
+
+
+@pytest.mark.parametrize("line,reason", UNREADABLE)
+def test_unreadable_dialogue_is_invalid(line, reason):
+    problems = npc.dialogue_problems(line)
+    assert any(p.startswith(reason) for p in problems), problems
+    req = make_request()
+    got, problems = npc.parse_response(npc.canonical_json(make_response(dialogue=line)), req)
+    assert got == npc.fallback_response(req, "unreadable")
+    assert problems and all(p.startswith("invalid: unreadable dialogue: ") for p in problems), problems
+    assert f"invalid: unreadable dialogue: {reason}" in " | ".join(problems)
+    assert not npc.response_is_valid(problems)
+    assert npc.dialogue_problems(got["dialogue"]) == []
+
+
+@pytest.mark.parametrize("line", [
+    "Halt! Who goes there?", "Aye, Ayla.", "Door's behind you.", "That's 12 gold and 3 silver, friend.",
+    "Ha, ha! Good one.", "No, no, no. Not today.", "The north gate, the north gate. Ah yes, past the mill.",
+    "Été 🐐, c'est la vie.", "Mind the step: it's loose.", "Ha ha ha, very funny.",
+])
+def test_readable_dialogue_passes(line):
+    assert npc.dialogue_problems(line) == []
+    resp = make_response(dialogue=line)
+    assert npc.parse_response(npc.canonical_json(resp), make_request()) == (resp, [])
+
+
 def test_whole_number_float_becomes_int():
     got, problems = npc.parse_response(json.dumps(make_response(relationship_change=2.0)), make_request())
     assert problems == [] and got["relationship_change"] == 2 and isinstance(got["relationship_change"], int)
