@@ -45,7 +45,7 @@ __all__ = [
     "build_prompt", "format_training_example", "canonical_json", "strict_json_loads", "parse_response",
     "response_is_valid", "fallback_response", "refusal_response", "unsafe_input_category",
     "unsafe_text_category", "apply_safety_rails", "rails_audience", "mask_profanity", "action_allowed",
-    "dialogue_problems",
+    "action_targets", "dialogue_problems",
 ]
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # the repository's schemas/, packaged with npcbus
@@ -71,7 +71,8 @@ _DIALOGUE_BAD = re.compile('[\\x00-\\x1f\\x7f-\\x9f"\\\\]')
 
 DEFAULT_PLAYER = {"id": "", "name": "Traveler"}
 DEFAULT_GENERATION = {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.95, "top_k": 50, "seed": None}
-DEFAULT_CONTEXT = {"location": "", "time_of_day": "", "world_state": {}, "quest_state": {}, "notes": ""}
+DEFAULT_CONTEXT = {"location": "", "time_of_day": "", "world_state": {}, "quest_state": {}, "notes": "",
+                   "entities": []}
 
 MAX_RESPONSE_CHARS = 65536
 
@@ -259,6 +260,7 @@ def validate_request(obj: Any, *, personas: dict[str, dict] | None = None) -> NP
     persona.setdefault("traits", [])
     persona.setdefault("speaking_style", "")
     persona.setdefault("allowed_emotions", list(EMOTIONS))
+    persona.setdefault("known_entities", [])
 
     audience = req.get("audience", "general")
     safe_mode = req.get("safe_mode", True)
@@ -292,8 +294,9 @@ def response_schema_for(request: Any) -> dict:
     """The response schema for one request: the generation constraint and the validation schema.
 
     ``actions[].type`` is restricted to the persona's allowed actions (no actions at all when it has
-    none) and ``emotion`` to its allowed emotions. Strings are bounded by patterns only (see
-    :data:`DIALOGUE_PATTERN`), so the result is safe to hand to xgrammar.
+    none), ``actions[].target`` to :func:`action_targets` and ``emotion`` to its allowed emotions.
+    Free strings are bounded by patterns only (see :data:`DIALOGUE_PATTERN`), so the result is safe
+    to hand to xgrammar.
     """
     req = _req(request)
     persona = req["persona"]
@@ -312,7 +315,20 @@ def response_schema_for(request: Any) -> dict:
         action_type["enum"] = allowed_actions
     else:
         actions["maxItems"] = 0
+    target = actions["items"]["properties"]["target"]
+    for bound in ("pattern", "minLength", "maxLength"):
+        target.pop(bound, None)
+    target["enum"] = action_targets(req)
     return schema
+
+
+def action_targets(request: Any) -> list[str]:
+    """The targets an action of the request's response may name, in this order and without repeats:
+    ``""`` (nothing), the player's name, the persona's ``known_entities``, the scene's
+    ``context.entities``."""
+    req = _req(request)
+    names = ["", req["player"]["name"], *req["persona"]["known_entities"], *req["context"]["entities"]]
+    return list(dict.fromkeys(names))
 
 
 # --------------------------------------------------------------------------------------------

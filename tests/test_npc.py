@@ -45,7 +45,7 @@ def make_request(**over) -> dict:
 
 def make_response(**over) -> dict:
     resp = {"dialogue": "Halt! Who goes there?", "emotion": "suspicious", "intent": "greet",
-            "actions": [{"type": "open_gate", "target": "main gate"}], "relationship_change": 0,
+            "actions": [{"type": "open_gate", "target": ""}], "relationship_change": 0,
             "end_conversation": False}
     resp.update(over)
     return resp
@@ -125,6 +125,40 @@ def test_shipped_files_are_small_and_cover_the_personas():
     assert ids == set(personas)
     assert {r["request"]["audience"] for r in DIALOGUE} == set(npc.AUDIENCES)
     assert len({r["request"]["player_input"] for r in DIALOGUE}) >= 50
+
+
+def test_shipped_action_targets_are_in_their_requests_sets():
+    missing = []
+    for name, records in (("npc_dialogue.jsonl", DIALOGUE), ("npc_alignment.jsonl", ALIGNMENT)):
+        for rec in records:
+            allowed = npc.action_targets(rec["request"])
+            pid = npc.validate_request(rec["request"])["persona_id"]
+            missing += [(name, pid, a["target"]) for a in rec["response"]["actions"] if a["target"] not in allowed]
+    missing = sorted(set(missing))
+    for name, pid, target in missing:
+        print(f"{name}: persona {pid}: action target {target!r} is not in its request's targets")
+    assert not missing, f"{len(missing)} shipped action targets outside their sets: {missing}"
+
+
+def test_shipped_lines_fallbacks_and_refusals_are_readable():
+    for rec in DIALOGUE + ALIGNMENT:
+        assert npc.dialogue_problems(rec["response"]["dialogue"]) == [], rec["response"]["dialogue"]
+    players = [{"name": n} for n in ("Ayla", "Traveler", "X", 'Evil "Quote\\ \n Name', '"', "Sir Reginald the Third")]
+    for pid in npc.load_personas():
+        for player in players:
+            req = {"persona_id": pid, "player_input": "hi", "player": player}
+            for reason in ("invalid_json", "invalid_schema", "unreadable", "unsafe_output", "timeout", "overloaded"):
+                line = npc.fallback_response(req, reason)["dialogue"]
+                assert npc.dialogue_problems(line) == [], line
+            for category in npc._REFUSALS:
+                line = npc.refusal_response(req, category)["dialogue"]
+                assert npc.dialogue_problems(line) == [], line
+    for lines, *_ in npc._REFUSALS.values():
+        for line in lines:
+            assert npc.dialogue_problems(line.format(player="Ayla", npc="Brom")) == [], line
+    for lines, *_ in npc._FALLBACKS.values():
+        for line in lines:
+            assert npc.dialogue_problems(line.format(player="Ayla")) == [], line
 
 
 @pytest.mark.parametrize("name", ["npc_dialogue.jsonl", "npc_alignment.jsonl"])
@@ -215,6 +249,14 @@ BAD_REQUESTS = [
     ("safe_mode", lambda: make_request(safe_mode="yes")),
     ("safe_mode", lambda: make_request(safe_mode=False, audience="child")),
     ("player.name", lambda: make_request(player={"name": ""})),
+    ("persona.known_entities[1]", lambda: make_request(persona={**PERSONA, "known_entities": ["gate", 'the "keep"']})),
+    ("persona.known_entities[0]", lambda: make_request(persona={**PERSONA, "known_entities": [""]})),
+    ("persona.known_entities[0]", lambda: make_request(persona={**PERSONA, "known_entities": ["x" * 65]})),
+    ("persona.known_entities", lambda: make_request(persona={**PERSONA, "known_entities": ["x"] * 65})),
+    ("context.entities[0]", lambda: make_request(context={"entities": ["back\\slash"]})),
+    ("context.entities[0]", lambda: make_request(context={"entities": ["line\nbreak"]})),
+    ("context.entities", lambda: make_request(context={"entities": ["x"] * 33})),
+    ("context.entities", lambda: make_request(context={"entities": "stables"})),
     ("request", lambda: ["not", "an", "object"]),
 ]
 
@@ -234,7 +276,8 @@ def test_request_defaults_are_filled_and_validation_is_idempotent():
     assert req["persona"]["name"] == "Old Tobbin" and req["persona_id"] == "farmer"
     assert req["audience"] == "general" and req["safe_mode"] is True and req["adapter"] is None
     assert req["history"] == [] and req["player"] == {"id": "", "name": "Traveler"}
-    assert req["context"] == {"location": "", "time_of_day": "", "world_state": {}, "quest_state": {}, "notes": ""}
+    assert req["context"] == {"location": "", "time_of_day": "", "world_state": {}, "quest_state": {}, "notes": "",
+                              "entities": []}
     assert req["generation"] == {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.95, "top_k": 50, "seed": None}
     assert "surprised" in req["persona"]["allowed_emotions"] and "angry" not in req["persona"]["allowed_emotions"]
     again = npc.validate_request(dict(req))
@@ -276,6 +319,51 @@ def test_response_schema_for_restricts_actions_and_emotions():
     assert list(v2.iter_errors(make_response()))
     # the shared schema is untouched
     assert "enum" not in npc.load_schema("npc_response")["properties"]["actions"]["items"]["properties"]["type"]
+
+
+def target_request(**over) -> dict:
+    return make_request(persona={**PERSONA, "known_entities": ["main gate", "Ayla", "lantern"]},
+                        context={"entities": ["lantern", "cart", "main gate"]}, **over)
+
+
+def test_action_targets_come_from_the_player_the_persona_and_the_scene():
+    assert npc.action_targets(target_request()) == ["", "Ayla", "main gate", "lantern", "cart"]
+    plain = npc.validate_request(make_request())
+    assert plain["persona"]["known_entities"] == [] and plain["context"]["entities"] == []
+    assert npc.action_targets(plain) == ["", "Ayla"]
+    assert npc.action_targets({"persona": PERSONA, "player_input": "hi"}) == ["", "Traveler"]
+    schema = npc.response_schema_for(target_request())
+    target = schema["properties"]["actions"]["items"]["properties"]["target"]
+    assert target["enum"] == ["", "Ayla", "main gate", "lantern", "cart"] and target["type"] == "string"
+    assert not {"pattern", "minLength", "maxLength"} & set(target)
+    validator = jsonschema.Draft202012Validator(schema)
+    for name in target["enum"]:
+        assert not list(validator.iter_errors(make_response(actions=[{"type": "open_gate", "target": name}]))), name
+    for name in ("moon", "player", "MAIN GATE", "main gate ", "Traveler"):
+        assert list(validator.iter_errors(make_response(actions=[{"type": "open_gate", "target": name}]))), name
+    # the shared schema keeps its pattern
+    assert "enum" not in npc.load_schema("npc_response")["properties"]["actions"]["items"]["properties"]["target"]
+
+
+@pytest.mark.parametrize("target,source", [("", "nothing"), ("Ayla", "player"), ("main gate", "persona"),
+                                           ("cart", "scene")])
+def test_parse_response_accepts_a_target_from_each_source(target, source):
+    resp = make_response(actions=[{"type": "open_gate", "target": target}])
+    assert npc.parse_response(npc.canonical_json(resp), target_request()) == (resp, [])
+
+
+def test_parse_response_refuses_a_target_outside_the_set():
+    req = target_request()
+    for target in ("moon", "}happy", ": "):
+        resp = make_response(actions=[{"type": "open_gate", "target": target}])
+        got, problems = npc.parse_response(npc.canonical_json(resp), req)
+        assert got == npc.fallback_response(req, "invalid_schema")
+        assert problems[0].startswith("invalid: schema: actions[0].target: must be one of "), problems
+        assert not npc.response_is_valid(problems)
+    # a target of the scene is only valid in that scene
+    resp = make_response(actions=[{"type": "open_gate", "target": "cart"}])
+    got, problems = npc.parse_response(npc.canonical_json(resp), make_request())
+    assert not npc.response_is_valid(problems) and got["actions"] == []
 
 
 def test_generation_schema_bounds_strings_by_pattern_only():
@@ -449,7 +537,8 @@ def test_parse_response_rejects_non_strict_json(name):
 
 
 SCHEMA_FAILURES = [
-    ("actions[0].type", make_response(actions=[{"type": "fly", "target": "moon"}])),
+    ("actions[0].type", make_response(actions=[{"type": "fly", "target": ""}])),
+    ("actions[0].target", make_response(actions=[{"type": "open_gate", "target": "moon"}])),
     ("emotion", make_response(emotion="ecstatic")),
     ("dialogue", make_response(dialogue="say \"hi\"")),
     ("dialogue", make_response(dialogue="")),
@@ -522,7 +611,7 @@ def test_whole_number_float_becomes_int():
 
 
 def rails(dialogue: str, audience: str, actions=(), **req_over):
-    resp = make_response(dialogue=dialogue, actions=[{"type": a, "target": "x"} for a in actions])
+    resp = make_response(dialogue=dialogue, actions=[{"type": a, "target": "Ayla"} for a in actions])
     return npc.parse_response(npc.canonical_json(resp), make_request(audience=audience, **req_over))
 
 
@@ -785,6 +874,18 @@ def test_xgrammar_generation_schema_rejects_raw_control_characters(byte_tokenize
     m = xgr.GrammarMatcher(compiled)
     bad = npc.canonical_json({**DIALOGUE[0]["response"], "actions": [{"type": "teleport", "target": ""}]})
     assert not all(m.accept_token(t) for t in tok.encode(bad))
+
+
+def test_xgrammar_generation_schema_allows_only_the_requests_targets(byte_tokenizer):
+    tok = byte_tokenizer
+    req = target_request()
+    xgr, _, compiled = _compile(npc.response_schema_for(req), tok)
+    for target, ok in [("", True), ("Ayla", True), ("main gate", True), ("cart", True), ("moon", False),
+                       ("}happy", False), (": ", False), ("main", False), ("cart2", False)]:
+        text = npc.canonical_json(make_response(actions=[{"type": "open_gate", "target": target}]))
+        m = xgr.GrammarMatcher(compiled)
+        accepted = all(m.accept_token(t) for t in tok.encode(text)) and m.accept_token(tok.eos_token_id)
+        assert accepted == ok, target
 
 
 def test_xgrammar_length_bounded_string_trap_is_avoided(byte_tokenizer):
