@@ -20,6 +20,8 @@ import uuid
 import aio_pika
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npcbus.adapter_store import content_hash, read_adapter_files, serve_adapter_fetches
 from npcbus.bus import Bus, BusTimeout
@@ -35,7 +37,16 @@ from npcbus.messages import (
     VersionAnnouncement,
 )
 from npcbus.topology import H_REJECT_CODE, H_REJECT_REASON
-from workers.infer_worker import InferenceWorker, InferSettings, InvalidRequest, prepare, sampling_from
+from workers.engines.base import Engine, EngineHealth, FinishEvent, SamplingSpec, TokenEvent
+from workers.infer_worker import (
+    InferenceWorker,
+    InferSettings,
+    InvalidRequest,
+    RepeatedKeyWatch,
+    prepare,
+    repeated_key_error,
+    sampling_from,
+)
 
 from .conftest import ROOT, delete_namespace
 
@@ -556,6 +567,144 @@ async def test_heartbeats_report_capacity_load_and_adapter_versions(engine, bus_
         assert hb.worker_id == "beating" and hb.base_model == MODEL_ID and hb.engine == engine.name
         assert hb.capacity == engine.capacity and hb.running == 0
         assert hb.adapters == {"innkeeper": 3}
+
+
+class ScriptedEngine(Engine):
+    """Answers a text prompt with the pieces of text scripted for it, one token each, and records
+    the runs that were stopped before their end."""
+
+    name = "scripted"
+    capacity = 4
+
+    def __init__(self, scripts: dict[str, list[str]]):
+        super().__init__()
+        self.scripts = scripts
+        self.stopped_early: list[str] = []
+
+    async def generate(self, request_id, prompt, params, adapter=None):
+        pieces = self.scripts[prompt]
+        done = False
+        try:
+            for i, piece in enumerate(pieces):
+                await asyncio.sleep(0.005)
+                yield TokenEvent(piece, [i])
+            done = True
+            yield FinishEvent("stop", 1, len(pieces))
+        finally:
+            if not done:
+                self.stopped_early.append(request_id.split(":")[0])
+
+    async def abort(self, request_id):
+        pass
+
+    async def add_adapter(self, name, path):
+        pass
+
+    async def remove_adapter(self, name):
+        pass
+
+    async def health(self):
+        return EngineHealth(True, 0, 0, [])
+
+
+REPEATS_A_KEY = ['{"mood', '":"calm",', '"mood_change":1', ',"mood_', 'change":2', ',"note":"x"}']
+
+
+@pytest.mark.broker
+@amod
+async def test_json_output_never_repeats_a_key(bus_settings, tmp_path):
+    # json_object is the bare constraint {"type": "object"}, which lets a model write a key twice
+    eng = ScriptedEngine({"dup": REPEATS_A_KEY, "ok": ['{"mood":"calm",', '"mood_change":1}']})
+    async with Harness(bus_settings, eng, tmp_path) as h:
+        await h.start_worker("consumer")
+        for stream in (True, False):
+            for params, retryable in (({"temperature": 0}, False), ({"temperature": 0.8}, True),
+                                      ({"temperature": 0.8, "seed": 3}, False)):
+                req = text_request("dup", json_schema={"type": "object"}, stream=stream, params=params)
+                events = await h.ask(req)
+                error = events[-1]
+                assert isinstance(error, GenerationError), events
+                assert error.code == "invalid_output" and error.retryable is retryable
+                assert "'mood_change'" in error.message
+                assert [e.seq for e in events] == list(range(len(events)))
+                streamed = "".join(e.text for e in events[:-1] if isinstance(e, TokenDelta))
+                assert '{"mood":"calm","mood_change":1,"mood_'.startswith(streamed), streamed
+                assert streamed or not stream  # the first text went out before the key repeated
+                assert req.request_id in eng.stopped_early  # the generation stopped as the key repeated
+            req = text_request("ok", json_schema={"type": "object"}, stream=stream)
+            final = (await h.ask(req))[-1]
+            assert isinstance(final, FinalResponse) and final.valid
+            assert final.response == {"mood": "calm", "mood_change": 1}
+        # without a JSON constraint the text is the model's own business
+        final = (await h.ask(text_request("dup")))[-1]
+        assert isinstance(final, FinalResponse) and final.text == "".join(REPEATS_A_KEY)
+
+
+# ------------------------------------------------------------------------------------------------
+# request preparation (no broker, no engine)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,repeated", [
+    ('{"mood":"calm","mood_change":1,"mood_change":2}', "mood_change"),
+    ('{"a":{"b":1},"a":2}', "a"),
+    ('{"a":{"a":1,"b":[{"a":1},{"a":2}]},"b":2}', None),
+    ('{"a":"}{\\"a\\":","b":1,"a":1}', "a"),
+    ('{"mood":1,"mo\\u006fd":2}', "mood"),
+    ('{"a":[1,"a",{"a":1}],"a":1}', "a"),
+    ('[{"a":1},{"a":1}]', None),
+    ('{"x":1}{"x":2}', None),
+    ('{"a": 1, "b": {"c": 2}, "b": 3}', "b"),
+    ('"a"', None),
+])
+def test_repeated_key_watch_finds_the_key_as_it_repeats(text, repeated):
+    one_by_one = RepeatedKeyWatch()
+    at = next((i for i, ch in enumerate(text) if one_by_one.feed(ch) is not None), None)
+    assert one_by_one.repeated == repeated
+    if repeated is not None:
+        assert text[at] == '"'  # the closing quote of the repeated key
+    for cut in range(len(text) + 1):
+        w = RepeatedKeyWatch()
+        first = w.feed(text[:cut])
+        assert (first or w.feed(text[cut:])) == repeated and w.repeated == repeated, cut
+        assert (first is not None) == (at is not None and cut > at), cut
+
+
+_JSON_SCALARS = ["null", "true", "1", "-2", '"a"', '"\\u0061"', '"\\""', '"}"', '"{"', '"a,b"', '"x:y"', '"[\\\\"']
+_JSON_KEYS = ["a", "b", "ab", "\\u0061", '\\"', "{", ",", "}", ":", "\\\\"]
+json_texts = st.recursive(
+    st.sampled_from(_JSON_SCALARS),
+    lambda inner: st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]")
+    | st.lists(st.tuples(st.sampled_from(_JSON_KEYS), inner), max_size=4).map(
+        lambda kvs: "{" + ",".join(f'"{k}":{v}' for k, v in kvs) + "}"),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=json_texts, cuts=st.lists(st.integers(0, 500), max_size=8))
+def test_repeated_key_watch_agrees_with_the_strict_parser(text, cuts):
+    from npcbus.npc import StrictJSONError, strict_json_loads
+
+    try:
+        strict_json_loads(text)
+        duplicate = False
+    except StrictJSONError as e:
+        assert str(e).startswith("duplicate key"), (text, e)
+        duplicate = True
+    w = RepeatedKeyWatch()
+    prev = 0
+    for c in [*sorted({c % (len(text) + 1) for c in cuts}), len(text)]:
+        w.feed(text[prev:c])
+        prev = c
+    assert (w.repeated is not None) == duplicate, text
+
+
+def test_repeated_key_error_is_retryable_when_sampling_without_a_seed():
+    assert repeated_key_error("k", SamplingSpec(temperature=0))[::2] == ("invalid_output", False)
+    assert repeated_key_error("k", SamplingSpec(temperature=0.7))[2] is True
+    assert repeated_key_error("k", SamplingSpec(temperature=0.7, seed=1))[2] is False
+    assert "'k'" in repeated_key_error("k", SamplingSpec())[1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,11 @@ next step, instead of the broker holding them back until an ack comes in. For ea
    comes first), then ``final_response`` with the adapter and version used. Events for one
    requester that are ready in the same event-loop turn (the streams' first tokens of one engine
    step, every stream's text at a tick) travel as one ``reply_batch`` message when the requester
-   accepts them (``x-npcbus-batch-replies`` header; npcbus's own requesters do);
+   accepts them (``x-npcbus-batch-replies`` header; npcbus's own requesters do). JSON output of
+   chat and text (``json_schema``) never repeats a key within an object, which the constraint
+   alone allows: as a key repeats (:class:`RepeatedKeyWatch`), the text is withheld, the
+   generation stops and the requester gets ``generation_error`` ``invalid_output`` (retryable
+   when sampling without a seed);
 4. aborts the generation at the engine on a ``cancel`` message (cancel fanout), when the deadline
    passes (code ``deadline``) or when the requester's reply queue is gone.
 
@@ -338,6 +342,81 @@ def check_json_output(text: str, schema: dict) -> tuple[Any, list[str]]:
     if errors:
         return None, [f"invalid: schema: {e.message[:200]}" for e in errors[:5]]
     return value, []
+
+
+class RepeatedKeyWatch:
+    """Watches JSON text fed in arbitrary chunks for an object that repeats a key.
+
+    A JSON-schema constraint does not stop a repeated key (``{"type": "object"}``, the constraint
+    of ``response_format: json_object``, allows any keys in any number), and strict parsing refuses
+    it only once the text is complete. ``feed(chunk)`` returns the repeated key (decoded) as soon as
+    the chunk completes a key that its object already has, else None; ``repeated`` keeps it. Keys
+    count per object, so nested objects may reuse their parents' keys. Text that is not JSON is
+    scanned all the same and proves nothing: the final strict parse judges it.
+    """
+
+    def __init__(self) -> None:
+        self.repeated: str | None = None
+        self._stack: list[set[str] | None] = []  # per open container: its keys (objects) or None (arrays)
+        self._expect_key = False
+        self._in_string = False
+        self._is_key = False
+        self._escaped = False
+        self._key: list[str] = []
+
+    def feed(self, chunk: str) -> str | None:
+        if self.repeated is not None:
+            return self.repeated
+        for ch in chunk:
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+                    if self._is_key and self._close_key():
+                        return self.repeated
+                    continue
+                if self._is_key:
+                    self._key.append(ch)
+            elif ch == '"':
+                self._in_string = True
+                self._is_key = bool(self._stack) and self._stack[-1] is not None and self._expect_key
+                self._expect_key = False
+            elif ch == "{":
+                self._stack.append(set())
+                self._expect_key = True
+            elif ch == "[":
+                self._stack.append(None)
+            elif ch in "}]":
+                if self._stack:
+                    self._stack.pop()
+                self._expect_key = False
+            elif ch == ",":
+                self._expect_key = bool(self._stack) and self._stack[-1] is not None
+        return None
+
+    def _close_key(self) -> bool:
+        raw, self._key = "".join(self._key), []
+        try:
+            key = json.loads(f'"{raw}"')
+        except ValueError:
+            key = raw
+        keys = self._stack[-1]
+        if key in keys:
+            self.repeated = key
+            return True
+        keys.add(key)
+        return False
+
+
+def repeated_key_error(key: str, params) -> tuple[str, str, bool]:
+    """The ``generation_error`` (code, message, retryable) of JSON output that repeated ``key``:
+    sampling without a seed may well answer differently, so it is retryable then."""
+    message = (f"the model repeated the key {key!r} in a JSON object; the output was withheld and the "
+               "generation stopped")
+    return "invalid_output", message, not params.greedy and params.seed is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -841,6 +920,7 @@ class InferenceWorker:
             return None
         loop = asyncio.get_running_loop()
         streamer = npclib.DialogueStreamer.for_request(job.npc) if job.mode == "npc" else None
+        watch = RepeatedKeyWatch() if job.mode != "npc" and job.schema is not None else None
         full: list[str] = []
         pending: list[str] = []
         pending_tokens = 0
@@ -907,6 +987,9 @@ class InferenceWorker:
                 completion += len(ev.token_ids)
                 if ttft is None and ev.token_ids:
                     ttft = time.time() - started
+                if watch is not None and watch.feed(ev.text) is not None:
+                    error = repeated_key_error(watch.repeated, job.params)
+                    break
                 full.append(ev.text)
                 if not stream:
                     continue
