@@ -612,13 +612,13 @@ def _repetition(words: list[str], text: str) -> list[str]:
             problems.append(f"repeats {words[i]!r} 4 times in a row")
             break
     grams: dict[tuple[str, ...], int] = {}
-    for gram in zip(words, words[1:], words[2:]):
+    for gram in zip(words, words[1:], words[2:], strict=False):
         grams[gram] = grams.get(gram, 0) + 1
         if grams[gram] == 3:
             problems.append(f"repeats {' '.join(gram)!r} 3 times")
             break
     sentences = [tuple(w.lower() for w in _LETTER_WORD.findall(part)) for part in _SENTENCE_END.split(text)]
-    for a, b in zip(sentences, sentences[1:]):
+    for a, b in zip(sentences, sentences[1:], strict=False):
         if len(a) >= 2 and a == b:
             problems.append(f"says {' '.join(a)!r} twice in a row")
             break
