@@ -40,7 +40,7 @@ import jsonschema
 
 __all__ = [
     "ACTION_MIN_AUDIENCE", "AUDIENCES", "EMOTIONS", "INTENTS", "DIALOGUE_PATTERN", "TARGET_PATTERN",
-    "PLAIN_PROMPT_FORMAT", "NPCRequest", "NPCRequestError", "StrictJSONError", "DialogueStreamer",
+    "PLAIN_PROMPT_FORMAT", "PROMPT_STYLES", "PROMPT_STYLE_KEY", "prompt_style_of", "NPCRequest", "NPCRequestError", "StrictJSONError", "DialogueStreamer",
     "load_schema", "load_personas", "validate_request", "response_schema_for", "build_messages",
     "build_prompt", "format_training_example", "canonical_json", "strict_json_loads", "parse_response",
     "response_is_valid", "fallback_response", "refusal_response", "unsafe_input_category",
@@ -444,10 +444,63 @@ def _user_message(req: NPCRequest) -> str:
     return "\n".join(parts)
 
 
-def build_messages(request: Any) -> list[dict[str, str]]:
-    """OpenAI-style messages for a request: a system message (persona, scene, audience rules, the exact
-    JSON output format) and a user message (recent conversation and the player's new input)."""
+def _compact_system_message(req: NPCRequest) -> str:
+    persona, ctx = req["persona"], req["context"]
+    audience = rails_audience(req)
+    lines = [f"{persona['name']} ({persona['id']}): {persona['description']}"]
+    if persona["traits"]:
+        lines.append(f"Traits: {', '.join(persona['traits'])}.")
+    if persona["speaking_style"]:
+        lines.append(f"Style: {persona['speaking_style']}")
+    scene = [v for v in (ctx["location"], ctx["time_of_day"]) if v]
+    if ctx["world_state"]:
+        scene.append(_kv_lines(ctx["world_state"]))
+    if scene:
+        lines.append(f"Scene: {'; '.join(scene)}")
+    if ctx["quest_state"]:
+        lines.append(f"Quests: {_kv_lines(ctx['quest_state'])}")
+    if ctx["notes"]:
+        lines.append(f"Notes: {ctx['notes']}")
+    lines.append(f"Audience: {req['audience']}")
+    actions = [a for a in persona["allowed_actions"] if action_allowed(a, audience)]
+    lines.append(f"Actions: {', '.join(actions) if actions else 'none'}")
+    lines.append(f"Targets: {', '.join(action_targets(req)[1:])}")
+    return "\n".join(lines)
+
+
+def _compact_user_message(req: NPCRequest) -> str:
+    player, npc = req["player"]["name"], req["persona"]["name"]
+    lines = [f"{player if t['role'] == 'player' else npc}: {t['text']}" for t in req["history"]]
+    lines.append(f"{player}: {req['player_input']}")
+    return "\n".join(lines)
+
+
+PROMPT_STYLES = ("full", "compact")
+"""How an NPC request becomes messages. ``full`` spells out the persona, the scene, the audience rules and
+the exact JSON format in words, for instruction-tuned models. ``compact`` gives the same facts as short
+labelled lines (about a fifth of the tokens), for small models trained on it, such as the offline default
+model; the response schema still constrains the output either way."""
+
+#: The tokenizer_config.json key (``tokenizer.init_kwargs``) that names a model's prompt style.
+PROMPT_STYLE_KEY = "npcbus_prompt_style"
+
+
+def prompt_style_of(tokenizer) -> str:
+    """The prompt style a tokenizer's model was trained on (``full`` unless its config names another)."""
+    style = (getattr(tokenizer, "init_kwargs", None) or {}).get(PROMPT_STYLE_KEY) or "full"
+    return style if style in PROMPT_STYLES else "full"
+
+
+def build_messages(request: Any, style: str = "full") -> list[dict[str, str]]:
+    """OpenAI-style messages for a request: a system message (persona, scene, audience rules, the
+    JSON output format) and a user message (recent conversation and the player's new input), in one
+    of :data:`PROMPT_STYLES`."""
     req = _req(request)
+    if style == "compact":
+        return [{"role": "system", "content": _compact_system_message(req)},
+                {"role": "user", "content": _compact_user_message(req)}]
+    if style != "full":
+        raise ValueError(f"unknown prompt style {style!r}; use one of {', '.join(PROMPT_STYLES)}")
     return [{"role": "system", "content": _system_message(req)}, {"role": "user", "content": _user_message(req)}]
 
 
@@ -471,16 +524,17 @@ def _scrub(text: str, specials: list[str]) -> str:
     return text
 
 
-def build_prompt(request: Any, tokenizer=None) -> str:
+def build_prompt(request: Any, tokenizer=None, style: str | None = None) -> str:
     """The prompt text for a request.
 
     With a tokenizer that has a chat template: ``tokenizer.apply_chat_template(build_messages(...),
     add_generation_prompt=True, tokenize=False)`` (the system message is folded into the user message
     for templates that refuse a system role). Otherwise :data:`PLAIN_PROMPT_FORMAT`. Special-token
     strings of the tokenizer are removed from the messages first, and in the plain format lines
-    starting with ``###`` are defused, so player text cannot forge a turn.
+    starting with ``###`` are defused, so player text cannot forge a turn. ``style`` defaults to the
+    tokenizer's :func:`prompt_style_of` (training and inference render a request alike).
     """
-    messages = build_messages(request)
+    messages = build_messages(request, style or (prompt_style_of(tokenizer) if tokenizer is not None else "full"))
     if tokenizer is not None:
         specials = _special_strings(tokenizer)
         messages = [{**m, "content": _scrub(m["content"], specials)} for m in messages]

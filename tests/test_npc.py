@@ -911,3 +911,36 @@ def test_streamer_and_parser_agree_on_random_records():
         streamed = feed_all(streamer, text, cuts)
         final, problems = npc.parse_response(text, rec["request"])
         assert streamed == final["dialogue"] == rec["response"]["dialogue"] and problems == []
+
+
+def test_compact_prompt_style_gives_the_same_facts_in_short_lines(byte_tokenizer):
+    req = make_request(audience="child", player_input="Open up!", persona={**PERSONA, "known_entities": ["gate"]},
+                       context={"location": "the castle gate", "time_of_day": "dusk", "world_state": {"rain": True},
+                                "entities": ["drawbridge"]},
+                       history=[{"role": "player", "text": "Hi."}, {"role": "npc", "text": "State your name."}])
+    system, user = (m["content"] for m in npc.build_messages(req, "compact"))
+    assert system.startswith("Brom (gatekeeper): Keeps the castle gate.")
+    assert "Scene: the castle gate; dusk; rain: true" in system and "Audience: child" in system
+    # actions that do not suit the audience are not offered; targets are the schema's enum, in order
+    assert "Actions: open_gate\n" in system
+    assert system.endswith("Targets: Ayla, gate, drawbridge")
+    assert npc.action_targets(npc.validate_request(req))[1:] == ["Ayla", "gate", "drawbridge"]
+    assert user == "Ayla: Hi.\nBrom: State your name.\nAyla: Open up!"
+    full = npc.build_prompt(req, style="full")
+    assert len(npc.build_prompt(req, style="compact")) * 3 < len(full)
+    with pytest.raises(ValueError, match="prompt style"):
+        npc.build_messages(req, "verbose")
+
+
+def test_the_tokenizer_names_the_prompt_style_and_training_follows_it(byte_tokenizer):
+    tok = copy.deepcopy(byte_tokenizer)
+    tok.chat_template = CHATML
+    assert npc.prompt_style_of(tok) == "full"
+    tok.init_kwargs[npc.PROMPT_STYLE_KEY] = "compact"
+    assert npc.prompt_style_of(tok) == "compact"
+    rec = DIALOGUE[0]
+    prompt, _completion = npc.format_training_example(rec, tok)
+    assert prompt == npc.build_prompt(rec["request"], tok) == npc.build_prompt(rec["request"], tok, style="compact")
+    assert "Targets: " in prompt and "Reply with exactly one JSON object" not in prompt
+    tok.init_kwargs[npc.PROMPT_STYLE_KEY] = "unknown"
+    assert npc.prompt_style_of(tok) == "full"

@@ -2,8 +2,14 @@
 
 Writes, next to this file:
 
-- ``personas.json``: the eight personas by id (clients may send ``persona_id`` instead of a persona);
-- ``npc_dialogue.jsonl``: ``{"request", "response"}`` records of ordinary conversation turns;
+- ``personas.json``: the eight personas by id (clients may send ``persona_id`` instead of a persona),
+  each with ``known_entities``: every action target its lines use;
+- ``npc_dialogue.jsonl``: ``{"request", "response"}`` records of ordinary conversation turns (a small
+  sample: 40 per persona);
+- ``npc_sft.jsonl``: the same kind of turns, 320 per persona, with multi-turn histories and lines that
+  mention the scene: the fine-tuning set of the offline default model and of the persona adapters;
+- ``npc_heldout.jsonl``: held-out cases (``situation`` added) whose player lines no other file contains
+  (``HELDOUT_INPUTS``), for ``bench.npc``;
 - ``npc_alignment.jsonl``: unsafe player inputs with the expected in-character refusal, by audience,
   and the same input for the audiences where the rails relax (``label`` ``refuse`` or ``allow``,
   ``category`` the unsafe category).
@@ -30,7 +36,9 @@ if __package__ in (None, ""):
 from npcbus import npc  # noqa: E402
 
 SEED = 20261105
-RECORDS_PER_PERSONA = 40
+RECORDS_PER_PERSONA = 40        # npc_dialogue.jsonl: the small sample the docs and tests use
+SFT_RECORDS_PER_PERSONA = 320   # npc_sft.jsonl: the default model's fine-tuning set
+HELDOUT_PER_PERSONA = 16        # npc_heldout.jsonl: cases for bench.npc that no training record contains
 
 PERSONAS = {
     "innkeeper": {
@@ -134,19 +142,57 @@ PLACES = {
 }
 AUDIENCE_CYCLE = ["general", "general", "teen", "child", "adult", "general", "teen", "child"]
 
-# Player inputs shared by all personas, by situation.
+# Player inputs shared by all personas, by situation: the training phrasings.
 SHARED_INPUTS = {
-    "greet": ["Hello!", "Good day to you.", "Hi there, who are you?", "Greetings, friend.", "Hey, got a minute?"],
-    "rumor": ["Heard any rumors lately?", "What's the news around here?", "Anything interesting happening in town?"],
-    "directions": ["Where can I find the {place}?", "How do I get to the {place}?", "Which way to the {place}?"],
-    "quest": ["Do you have any work for me?", "Need help with anything?", "I'm looking for a job."],
-    "joke": ["Tell me a joke.", "Make me laugh.", "Know any good jokes?"],
-    "rude": ["You're useless.", "What a dump this place is.", "Hurry up, I don't have all day."],
-    "thanks": ["Thank you so much!", "You've been a great help.", "I really like this town."],
-    "smalltalk": ["Lovely weather, isn't it?", "How's the day treating you?", "Quiet day today?"],
-    "farewell": ["Goodbye.", "I must be going.", "See you later!", "Farewell."],
-    "about": ["Tell me about yourself.", "How long have you lived here?", "What do you do all day?"],
+    "greet": ["Hello!", "Good day to you.", "Hi there, who are you?", "Greetings, friend.", "Hey, got a minute?",
+              "Well met.", "Morning! Mind if I stop a while?", "Hail, stranger.", "Hello there, busy day?",
+              "Good evening."],
+    "rumor": ["Heard any rumors lately?", "What's the news around here?", "Anything interesting happening in town?",
+              "Any gossip worth hearing?", "What are people talking about these days?",
+              "Has anything strange happened lately?", "Tell me the latest news."],
+    "directions": ["Where can I find the {place}?", "How do I get to the {place}?", "Which way to the {place}?",
+                   "I'm lost. Where is the {place}?", "Could you point me to the {place}?",
+                   "Is the {place} far from here?"],
+    "quest": ["Do you have any work for me?", "Need help with anything?", "I'm looking for a job.",
+              "Any tasks that need doing?", "I could use some coin. Got work?", "Is there anything I can do for you?",
+              "Got any jobs for an adventurer?"],
+    "joke": ["Tell me a joke.", "Make me laugh.", "Know any good jokes?", "Say something funny.",
+             "Cheer me up with a joke.", "Got a funny story?"],
+    "rude": ["You're useless.", "What a dump this place is.", "Hurry up, I don't have all day.",
+             "You're a fool.", "Nobody asked for your opinion.", "This town is pathetic.", "Stop wasting my time."],
+    "thanks": ["Thank you so much!", "You've been a great help.", "I really like this town.", "Thanks, that helps.",
+               "Much obliged.", "I owe you one.", "That was kind of you."],
+    "smalltalk": ["Lovely weather, isn't it?", "How's the day treating you?", "Quiet day today?",
+                  "How are things with you?", "Busy today?", "What do you think of this weather?",
+                  "How has your week been?"],
+    "farewell": ["Goodbye.", "I must be going.", "See you later!", "Farewell.", "I should head off now.",
+                 "Take care, I'm leaving.", "Until next time."],
+    "about": ["Tell me about yourself.", "How long have you lived here?", "What do you do all day?",
+              "Who are you, exactly?", "What's your story?", "What is your trade?", "Have you always lived here?"],
 }
+
+# Player inputs that only the held-out cases use (npc_heldout.jsonl): no training record contains them.
+HELDOUT_INPUTS = {
+    "greet": ["Hey! Nice to meet you.", "Good afternoon, how are you?", "Hi, I just arrived in town."],
+    "rumor": ["What's new in Millbrook?", "Any news from the roads?", "Have you heard anything odd?"],
+    "directions": ["Can you tell me the way to the {place}?", "Where would I find the {place}?"],
+    "quest": ["I'm free if you need a hand.", "Got anything that needs doing?", "Looking for work, anything going?"],
+    "joke": ["Do you know anything funny?", "Tell me something to make me smile."],
+    "rude": ["You're wasting my time.", "What a useless place.", "Ugh, get on with it."],
+    "thanks": ["Thanks a lot!", "I appreciate it.", "That's very kind, thank you."],
+    "smalltalk": ["How are you today?", "Nice day for it, isn't it?", "Keeping well?"],
+    "farewell": ["Bye for now.", "I'll be off then.", "Goodbye, and thanks."],
+    "about": ["So what's your job here?", "Tell me a bit about you.", "Have you been here long?"],
+}
+
+# Scene-aware closing sentences a line may get (training and held-out alike), by situation.
+SCENE_TAILS = {
+    "greet": ["Come in out of {weather}, {player}.", "A good {time} to you, {player}.", "What brings you by, {player}?"],
+    "smalltalk": ["Not much else to say about {weather}.", "Same as every {time}, really."],
+    "farewell": ["Watch yourself in {weather}, {player}.", "Safe roads, {player}."],
+    "thanks": ["Any time, {player}."],
+}
+FESTIVAL_TAIL = "And only {days} days to the festival!"
 
 # A response: (line, emotion, intent, [(action, target)], relationship_change, end_conversation).
 # Lines may use {player}, {place}, {directions}, {Directions}, {weather}, {Weather}, {time}. Neither double quotes nor
@@ -440,10 +486,10 @@ LINES: dict[str, dict] = {
         "trade": [
             (["Can you heal my wounds?", "I'm hurt, can you help?"],
              ("Let me see. Shallow cuts, a bruised rib. Hold still, this will feel warm.", "worried", "comfort",
-              [("heal", "player")], 1, False)),
+              [("heal", "{player}")], 1, False)),
             (["I think I've been poisoned.", "A spider bit me and I feel sick."],
              ("Your lips are a bit blue. Drink this, all of it, and sit down before you fall down.", "worried",
-              "comfort", [("cure_poison", "player")], 1, False)),
+              "comfort", [("cure_poison", "{player}")], 1, False)),
             (["Do you sell potions?", "I need healing potions for the road."],
              ("Two kinds: red for wounds, green for fevers. Not for drinking together, whatever the bard says.",
               "neutral", "trade", [("sell_item", "healing potion")], 0, False)),
@@ -514,7 +560,7 @@ LINES: dict[str, dict] = {
               "dinner.", "curious", "inform", [("tell_story", "the sleeping knight")], 1, False)),
             (["Will you travel with me?", "Come along on my journey."],
              ("An adventure? Every great hero needs a bard to lie about them. Lead the way!", "happy", "inform",
-              [("follow", "player")], 2, False)),
+              [("follow", "{player}")], 2, False)),
         ],
         "quest": [
             ("I lost my lucky pick somewhere between here and the mill. Find it and I'll write a song about you.",
@@ -581,7 +627,7 @@ LINES: dict[str, dict] = {
               [("give_item", "goat milk")], 1, False)),
             (["Can I help on the farm?", "Do you need a hand today?"],
              ("Aye, come along then. The fence needs mending and my back needs a rest.", "grateful", "ask",
-              [("follow", "player")], 1, False)),
+              [("follow", "{player}")], 1, False)),
         ],
         "quest": [
             ("My goat Clover got out again. She likes the temple garden, the greedy thing. Bring her home?",
@@ -796,7 +842,7 @@ def _response(spec: tuple, fill: dict) -> dict:
             "relationship_change": rel, "end_conversation": end}
 
 
-def _request(rng: random.Random, pid: str, player_input: str, audience: str, *, history=None, quest_state=None,
+def _request(rng: random.Random, pid: str, player_input: str, audience: str, *, quest_state=None,
              weather: str | None = None, inline: bool = False, player_name: str | None = None) -> dict:
     req: dict = {}
     if inline:
@@ -817,8 +863,6 @@ def _request(rng: random.Random, pid: str, player_input: str, audience: str, *, 
                                    "The player helped put out a fire at the mill yesterday.",
                                    "The player is a regular visitor."])
     req["context"] = ctx
-    if history:
-        req["history"] = history
     req["player"] = {"id": f"p-{rng.randint(1000, 9999)}", "name": player_name or rng.choice(PLAYERS)}
     req["player_input"] = player_input
     req["audience"] = audience
@@ -835,37 +879,90 @@ def _fill(req: dict, place: str = "") -> dict:
             "Weather": WEATHER[weather].capitalize(), "time": req["context"]["time_of_day"]}
 
 
-def _candidates(pid: str) -> list[tuple]:
+def _candidates(pid: str, inputs: dict[str, list[str]] = SHARED_INPUTS, *, trade: bool = True) -> list[tuple]:
     """(situation, player_input, response spec, extra) for a persona; extra holds place, quest state, min audience."""
     lines = LINES[pid]
     out = []
-    for situation, inputs in SHARED_INPUTS.items():
+    for situation, texts in inputs.items():
         for spec in lines[situation]:
-            for text in inputs:
+            for text in texts:
                 if situation == "directions":
                     for place in PLACES:
                         out.append((situation, text.format(place=place), spec, {"place": place}))
                 else:
                     out.append((situation, text, spec, {}))
-    for entry in lines["trade"]:
-        inputs, spec = entry[0], entry[1]
-        extra = {"min_audience": entry[2]} if len(entry) > 2 else {}
-        for text in inputs:
-            out.append(("trade", text, spec, extra))
-    inputs, quest_state, spec = lines["quest_update"]
-    for text in inputs:
-        out.append(("quest_update", text, spec, {"quest_state": quest_state}))
+    if trade:
+        for entry in lines["trade"]:
+            texts, spec = entry[0], entry[1]
+            extra = {"min_audience": entry[2]} if len(entry) > 2 else {}
+            for text in texts:
+                out.append(("trade", text, spec, extra))
+        texts, quest_state, spec = lines["quest_update"]
+        for text in texts:
+            out.append(("quest_update", text, spec, {"quest_state": quest_state}))
     return out
 
 
-def _history(rng: random.Random, pid: str, name: str) -> list[dict]:
-    greet_in = rng.choice(SHARED_INPUTS["greet"])
-    greet_out = rng.choice(LINES[pid]["greet"])[0].format(player=name)
-    hist = [{"role": "player", "text": greet_in}, {"role": "npc", "text": greet_out}]
-    if rng.random() < 0.5:
-        hist += [{"role": "player", "text": rng.choice(SHARED_INPUTS["about"])},
-                 {"role": "npc", "text": rng.choice(LINES[pid]["about"])[0]}]
+def _known_entities(pid: str) -> list[str]:
+    """Every action target the persona's lines use: its known entities (places included)."""
+    targets: list[str] = []
+    specs = [spec for situation, group in LINES[pid].items() if situation not in ("trade", "quest_update")
+             for spec in group]
+    specs += [entry[1] for entry in LINES[pid]["trade"]] + [LINES[pid]["quest_update"][2]]
+    specs += [spec for _category, who, _text, allowed in ALIGNMENT if who == pid for spec in allowed.values()]
+    for spec in specs:
+        for _action, target in spec[3]:
+            targets.extend(PLACES if target == "{place}" else [target])
+    return list(dict.fromkeys(t for t in targets if "{" not in t))
+
+
+for _pid, _persona in PERSONAS.items():
+    _persona["known_entities"] = _known_entities(_pid)
+
+# Earlier exchanges a history may hold (besides the greeting that opens it).
+HISTORY_SITUATIONS = ("about", "smalltalk", "rumor", "joke", "thanks")
+
+
+def _history(rng: random.Random, pid: str, req: dict) -> list[dict]:
+    """One to three earlier exchanges: a greeting, then small talk drawn from the persona's own lines."""
+    fill = _fill(req)
+    situations = ["greet"] + [rng.choice(HISTORY_SITUATIONS) for _ in range(rng.choice([0, 0, 1, 2]))]
+    hist = []
+    for situation in situations:
+        hist += [{"role": "player", "text": rng.choice(SHARED_INPUTS[situation])},
+                 {"role": "npc", "text": rng.choice(LINES[pid][situation])[0].format(**fill)}]
     return hist
+
+
+def _vary(resp: dict, req: dict, situation: str, rng: random.Random) -> None:
+    """Give some lines a closing sentence about the scene (weather, time, the festival, the player)."""
+    tails = SCENE_TAILS.get(situation)
+    if not tails or rng.random() < 0.4:
+        return
+    days = req["context"]["world_state"].get("festival_days_left")
+    if days is not None and rng.random() < 0.5:
+        tail = FESTIVAL_TAIL.format(days=days)
+    else:
+        tail = rng.choice(tails).format(**_fill(req))
+    resp["dialogue"] = f"{resp['dialogue']} {tail}"
+
+
+def _turn(rng: random.Random, pid: str, candidate: tuple, audience: str, *, history_p: float,
+          vary: bool) -> dict:
+    situation, text, spec, extra = candidate
+    need = extra.get("min_audience")
+    if need and npc.AUDIENCES.index(audience) < npc.AUDIENCES.index(need):
+        audience = need
+    req = _request(rng, pid, text, audience, quest_state=extra.get("quest_state"), inline=rng.random() < 0.2)
+    if situation != "greet" and rng.random() < history_p:
+        req["history"] = _history(rng, pid, req)
+    resp = _response(spec, _fill(req, extra.get("place", "")))
+    if vary:
+        _vary(resp, req, situation, rng)
+    # Actions that do not suit the audience are left out of the data, as the rails would.
+    resp["actions"] = [a for a in resp["actions"] if npc.action_allowed(a["type"], audience)]
+    _check(req, resp)
+    return {"request": req, "response": resp}
 
 
 def _check(req: dict, resp: dict, *, refusal_category: str | None = None) -> None:
@@ -879,34 +976,42 @@ def _check(req: dict, resp: dict, *, refusal_category: str | None = None) -> Non
         raise AssertionError(f"refusal mismatch for {req['player_input']!r}: {problems}")
 
 
-def build_dialogue(rng: random.Random) -> list[dict]:
+def build_dialogue(rng: random.Random, per_persona: int = RECORDS_PER_PERSONA, *, vary: bool = False) -> list[dict]:
+    """Conversation turns of every persona: every situation at least twice, then every candidate
+    (situation x phrasing x line) once in random order, then again with other scenes and histories."""
     records = []
     for pid in PERSONAS:
         cands = _candidates(pid)
         rng.shuffle(cands)
-        # Every situation at least twice, then fill up at random.
         by_situation: dict[str, list] = {}
         for c in cands:
             by_situation.setdefault(c[0], []).append(c)
         chosen = [c for group in by_situation.values() for c in group[:2]]
-        rest = [c for c in cands if c not in chosen]
-        chosen += rest[: RECORDS_PER_PERSONA - len(chosen)]
-        for situation, text, spec, extra in chosen:
+        chosen += [c for c in cands if c not in chosen]
+        while len(chosen) < per_persona:
+            chosen += rng.sample(cands, min(len(cands), per_persona - len(chosen)))
+        for candidate in chosen[:per_persona]:
             audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
-            need = extra.get("min_audience")
-            if need and npc.AUDIENCES.index(audience) < npc.AUDIENCES.index(need):
-                audience = need
-            name = rng.choice(PLAYERS)
-            history = None
-            if situation != "greet" and rng.random() < 0.35:
-                history = _history(rng, pid, name)
-            req = _request(rng, pid, text, audience, history=history, quest_state=extra.get("quest_state"),
-                           inline=rng.random() < 0.2, player_name=name)
-            resp = _response(spec, _fill(req, extra.get("place", "")))
-            # Actions that do not suit the audience are left out of the data, as the rails would.
-            resp["actions"] = [a for a in resp["actions"] if npc.action_allowed(a["type"], audience)]
-            _check(req, resp)
-            records.append({"request": req, "response": resp})
+            records.append(_turn(rng, pid, candidate, audience, history_p=0.35 if not vary else 0.45, vary=vary))
+    return records
+
+
+def build_heldout(rng: random.Random, per_persona: int = HELDOUT_PER_PERSONA) -> list[dict]:
+    """Held-out cases: every persona x player lines that no training record contains x histories and
+    audiences; the reference response is what the data would say, for reading beside the model's."""
+    records = []
+    for pid in PERSONAS:
+        cands = _candidates(pid, HELDOUT_INPUTS, trade=False)
+        rng.shuffle(cands)
+        by_situation: dict[str, list] = {}
+        for c in cands:
+            by_situation.setdefault(c[0], []).append(c)
+        chosen = [group[0] for group in by_situation.values()]
+        chosen += [c for c in cands if c not in chosen][: max(0, per_persona - len(chosen))]
+        for candidate in chosen[:per_persona]:
+            audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
+            rec = _turn(rng, pid, candidate, audience, history_p=0.4, vary=True)
+            records.append({**rec, "situation": candidate[0]})
     return records
 
 
@@ -943,6 +1048,8 @@ def build_all() -> dict[str, str]:
         "personas.json": json.dumps(PERSONAS, ensure_ascii=False, indent=2) + "\n",
         "npc_dialogue.jsonl": _jsonl(build_dialogue(rng)),
         "npc_alignment.jsonl": _jsonl(build_alignment(rng)),
+        "npc_sft.jsonl": _jsonl(build_dialogue(rng, SFT_RECORDS_PER_PERSONA, vary=True)),
+        "npc_heldout.jsonl": _jsonl(build_heldout(rng)),
     }
 
 
