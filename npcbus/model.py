@@ -45,12 +45,17 @@ if TYPE_CHECKING:  # pragma: no cover
 log = get_logger("npcbus.model")
 
 #: Bump when the build changes in a way that changes the weights; stale stamps then rebuild.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 STAMP_FILE = "npcbus_model.json"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 CORPUS_FILES = ("lore.txt", "dialogue.txt", "chat.txt")
 #: The chat file's documents are conversations, one ``role: content`` line per message.
 CHAT_FILE = "chat.txt"
+DATA_DIR = Path(__file__).resolve().parent / "data_files"
+#: The NPC turns of the fine-tuning and the persona adapters, and the personas they use.
+SFT_FILE = "npc_sft.jsonl"
+NPC_DATA_FILES = (SFT_FILE, "personas.json")
+PERSONAS_DIR = "personas"
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -90,15 +95,29 @@ class DefaultModelParams:
     max_positions: int = 2048
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
-    # pre-training
+    # pre-training on the shipped corpus, in windows as long as the NPC prompts served
     train_steps: int = 150
-    seq_len: int = 128
-    batch_size: int = 16
+    seq_len: int = 512
+    batch_size: int = 8
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
-    #: the conversations (JSON replies) appear this many times in the training stream
-    chat_repeat: int = 3
+    #: the corpus conversations (chat.txt) appear this many times in the pre-training stream
+    chat_repeat: int = 1
+    # supervised fine-tuning on NPC turns (npcbus/data_files/npc_sft.jsonl) rendered exactly as
+    # inference renders them; the loss is taken on the response JSON only. 0 steps: no fine-tuning
+    sft_steps: int = 300
+    sft_batch_size: int = 8
+    sft_learning_rate: float = 1.5e-3
+    sft_warmup_steps: int = 20
+    sft_max_length: int = 640
+    #: how NPC requests become prompts for this model (npcbus.npc.PROMPT_STYLES); recorded in its tokenizer
+    prompt_style: str = "compact"
+    # one LoRA adapter per shipped persona (``personas/<id>/``), trained on that persona's turns
+    persona_steps: int = 20
+    persona_batch_size: int = 8
+    persona_learning_rate: float = 2e-3
+    persona_rank: int = 8
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -111,6 +130,12 @@ class DefaultModelParams:
             raise ValueError("vocab_size must be >= 512")
         if self.train_steps < 0 or self.seq_len < 8 or self.batch_size < 1 or self.chat_repeat < 0:
             raise ValueError("train_steps and chat_repeat must be >= 0, seq_len >= 8 and batch_size >= 1")
+        if self.sft_steps < 0 or self.sft_batch_size < 1 or self.sft_max_length < 64:
+            raise ValueError("sft_steps must be >= 0, sft_batch_size >= 1 and sft_max_length >= 64")
+        if self.persona_steps < 0 or self.persona_batch_size < 1 or self.persona_rank < 1:
+            raise ValueError("persona_steps must be >= 0, persona_batch_size and persona_rank >= 1")
+        if self.prompt_style not in ("full", "compact"):
+            raise ValueError("prompt_style must be full or compact")
         if self.seq_len > self.max_positions:
             raise ValueError("seq_len must be <= max_positions")
 
@@ -136,11 +161,12 @@ def _params(**params: Any) -> DefaultModelParams:
 
 
 def corpus_hash(corpus_dir: Path | str = CORPUS_DIR) -> str:
-    """sha256 over the corpus files' names and bytes."""
+    """sha256 over the names and bytes of the corpus files and of the NPC data the build fine-tunes on."""
     h = hashlib.sha256()
-    for name in CORPUS_FILES:
-        data = (Path(corpus_dir) / name).read_bytes()
-        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    paths = [Path(corpus_dir) / name for name in CORPUS_FILES] + [DATA_DIR / name for name in NPC_DATA_FILES]
+    for path in paths:
+        data = path.read_bytes()
+        h.update(path.name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
     return h.hexdigest()
 
 
@@ -174,6 +200,36 @@ def corpus_chats(corpus_dir: Path | str = CORPUS_DIR) -> list[list[dict[str, str
     return [parse_chat(d) for d in _documents(Path(corpus_dir) / CHAT_FILE)]
 
 
+def sft_records() -> list[dict]:
+    """The NPC turns the build fine-tunes on (``npcbus/data_files/npc_sft.jsonl``)."""
+    lines = (DATA_DIR / SFT_FILE).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def npc_texts() -> list[str]:
+    """Text of the NPC data for the tokenizer: the personas' words, the player lines, the histories
+    and the response JSON, so that prompts and responses take few tokens."""
+    from npcbus.npc import canonical_json
+
+    texts = []
+    for persona in json.loads((DATA_DIR / "personas.json").read_text(encoding="utf-8")).values():
+        texts.append(" ".join([persona["name"], persona["description"], *persona.get("traits", []),
+                               persona.get("speaking_style", ""), *persona.get("allowed_actions", []),
+                               *persona.get("known_entities", [])]))
+    for rec in sft_records():
+        req = rec["request"]
+        texts.append(req["player_input"])
+        texts.extend(t["text"] for t in req.get("history", []))
+        texts.append(canonical_json(rec["response"]))
+    return texts
+
+
+def persona_of(record: dict) -> str:
+    """The persona id of an NPC record (``persona_id`` or the inline persona's id)."""
+    req = record["request"]
+    return req.get("persona_id") or req["persona"]["id"]
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
@@ -191,6 +247,7 @@ def train_tokenizer(vocab_size: int = 4096, corpus_dir: Path | str = CORPUS_DIR)
     texts = corpus_texts(corpus_dir)
     for conv in corpus_chats(corpus_dir):
         texts.extend(m["content"] for m in conv)
+    texts.extend(npc_texts())
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -298,16 +355,60 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _lr_at(step: int, p: DefaultModelParams) -> float:
-    if step < p.warmup_steps:
-        return p.learning_rate * (step + 1) / p.warmup_steps
-    span = max(1, p.train_steps - p.warmup_steps)
-    progress = min(1.0, (step - p.warmup_steps) / span)
-    return p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def _lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to a tenth of ``peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _Progress:
+    """Periodic progress of a training phase: a log line (and the callback) at the first and last
+    step and every 10 s, with the loss, rate and ETA."""
+
+    def __init__(self, phase: str, steps: int, callback: Callable[[dict[str, Any]], None] | None):
+        self.phase, self.steps, self.callback = phase, steps, callback
+        self.t0 = self.last = time.monotonic()
+        self.losses: list[float] = []
+        self.tokens = 0
+
+    def step(self, loss: float, lr: float, tokens: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        now, done = time.monotonic(), len(self.losses)
+        if done not in (1, self.steps) and now - self.last < 10.0:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        info = {"phase": self.phase, "step": done, "steps": self.steps,
+                "loss": round(sum(self.losses[-10:]) / len(self.losses[-10:]), 4), "lr": round(lr, 6),
+                "steps_per_s": round(rate, 2), "tokens_per_s": round(self.tokens / elapsed) if elapsed > 0 else 0,
+                "elapsed_s": round(elapsed, 1), "eta_s": round((self.steps - done) / rate, 1) if rate > 0 else None}
+        log.info(self.phase, **{k: v for k, v in info.items() if k != "phase"})
+        if self.callback is not None:
+            self.callback(info)
+
+    @property
+    def final_loss(self) -> float | None:
+        return round(sum(self.losses[-10:]) / len(self.losses[-10:]), 4) if self.losses else None
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    import torch
+
+    decay = [t for t in model.parameters() if t.requires_grad and t.dim() >= 2]
+    no_decay = [t for t in model.parameters() if t.requires_grad and t.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+    )
 
 
 def _pretrain(model, stream: list[int], p: DefaultModelParams,
-              progress: Callable[[dict[str, Any]], None] | None) -> list[float]:
+              progress: Callable[[dict[str, Any]], None] | None) -> _Progress:
     import torch
 
     data = torch.tensor(stream, dtype=torch.long)
@@ -315,20 +416,13 @@ def _pretrain(model, stream: list[int], p: DefaultModelParams,
     if n_windows <= 0:
         raise ValueError("corpus too small for seq_len")
     gen = torch.Generator().manual_seed(p.seed + 1)
-    decay = [t for n, t in model.named_parameters() if t.dim() >= 2]
-    no_decay = [t for n, t in model.named_parameters() if t.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=p.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-    )
+    opt = _optimizer(model, p.learning_rate, p.weight_decay)
     model.train()
-    losses: list[float] = []
-    t0 = time.monotonic()
-    last_report = t0
-    tokens_per_step = p.batch_size * p.seq_len
+    report = _Progress("pretrain", p.train_steps, progress)
     for step in range(p.train_steps):
+        lr = _lr_at(step, p.train_steps, p.warmup_steps, p.learning_rate)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, p)
+            group["lr"] = lr
         starts = torch.randint(0, n_windows, (p.batch_size,), generator=gen)
         batch = torch.stack([data[s: s + p.seq_len] for s in starts.tolist()])
         out = model(input_ids=batch, labels=batch)
@@ -336,24 +430,92 @@ def _pretrain(model, stream: list[int], p: DefaultModelParams,
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(out.loss.detach()))
-        now = time.monotonic()
-        done = step + 1
-        if done == p.train_steps or done == 1 or now - last_report >= 10.0:
-            last_report = now
-            elapsed = now - t0
-            rate = done / elapsed if elapsed > 0 else 0.0
-            info = {
-                "step": done, "steps": p.train_steps, "loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-                "lr": round(_lr_at(step, p), 6), "steps_per_s": round(rate, 2),
-                "tokens_per_s": round(rate * tokens_per_step), "elapsed_s": round(elapsed, 1),
-                "eta_s": round((p.train_steps - done) / rate, 1) if rate > 0 else None,
-            }
-            log.info("pretrain", **info)
-            if progress is not None:
-                progress(info)
+        report.step(float(out.loss.detach()), lr, batch.numel())
     model.eval()
-    return losses
+    return report
+
+
+def _sft_batches(examples: list, batch_size: int, steps: int, seed: int) -> Iterator[list]:
+    """``steps`` batches over the examples, epoch after epoch, each epoch in a seeded order; examples
+    of similar length share a batch (sorted within groups of 16 batches) to pad little."""
+    import random
+
+    rng = random.Random(seed)
+    made = 0
+    while made < steps:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        group = 16 * batch_size
+        batches = []
+        for g in range(0, len(order), group):
+            chunk = sorted(order[g: g + group], key=lambda i: len(examples[i].input_ids))
+            batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        for b in batches[: steps - made]:
+            yield [examples[i] for i in b]
+        made += min(len(batches), steps - made)
+
+
+def _finetune(model, tokenizer, records: list[dict], p: DefaultModelParams,
+              progress: Callable[[dict[str, Any]], None] | None) -> _Progress:
+    """Full fine-tuning on NPC turns, loss on the response tokens only (the head runs on those alone)."""
+    import torch
+
+    from npcbus.training import IGNORE_INDEX, _collate, encode_examples
+
+    examples = encode_examples(records, tokenizer, p.sft_max_length)
+    opt = _optimizer(model, p.sft_learning_rate, p.weight_decay)
+    model.train()
+    report = _Progress("finetune", p.sft_steps, progress)
+    for step, batch in enumerate(_sft_batches(examples, p.sft_batch_size, p.sft_steps, p.seed + 2)):
+        lr = _lr_at(step, p.sft_steps, p.sft_warmup_steps, p.sft_learning_rate)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ids, mask, labels = _collate(batch, tokenizer.pad_token_id)
+        # right padding under causal attention: no real token sees a pad, so no mask is needed and
+        # attention takes its fast causal path
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        logits = model.lm_head(hidden[keep])
+        loss = torch.nn.functional.cross_entropy(logits.float(), target[keep])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        report.step(float(loss.detach()), lr, int(mask.sum()))
+    model.eval()
+    return report
+
+
+def _train_personas(model, tokenizer, records: list[dict], p: DefaultModelParams, out: Path,
+                    progress: Callable[[dict[str, Any]], None] | None) -> dict[str, dict[str, Any]]:
+    """One LoRA adapter per shipped persona, trained on that persona's turns, written as PEFT folders
+    ``out/<persona id>/``; returns each one's training metrics."""
+    from npcbus.training import TrainConfig, save_adapter, train_lora
+
+    personas = json.loads((DATA_DIR / "personas.json").read_text(encoding="utf-8"))
+    metrics: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
+    for i, pid in enumerate(personas):
+        own = [r for r in records if persona_of(r) == pid]
+        if not own:
+            raise ValueError(f"no fine-tuning turns for persona {pid!r} in {SFT_FILE}")
+        cfg = TrainConfig(rank=p.persona_rank, alpha=2.0 * p.persona_rank, dropout=0.0,
+                          learning_rate=p.persona_learning_rate, max_steps=p.persona_steps,
+                          batch_size=p.persona_batch_size, max_length=p.sft_max_length, seed=p.seed + 100 + i)
+        result = train_lora(model, tokenizer, own, cfg)
+        save_adapter(out / pid, result.adapter_state, result.peft_config)
+        metrics[pid] = {"records": len(own), "steps": p.persona_steps,
+                        "loss_last": round(float(result.metrics.get("loss_last", 0.0)), 4)}
+        elapsed = time.monotonic() - t0
+        info = {"phase": "personas", "step": i + 1, "steps": len(personas), "persona": pid,
+                "loss": metrics[pid]["loss_last"], "elapsed_s": round(elapsed, 1),
+                "eta_s": round(elapsed / (i + 1) * (len(personas) - i - 1), 1)}
+        log.info("persona adapter", **{k: v for k, v in info.items() if k != "phase"})
+        if progress is not None:
+            progress(info)
+    return metrics
 
 
 def weights_hash(state_dict: dict[str, Any]) -> str:
@@ -403,19 +565,23 @@ def build_default_model(
     chash = corpus_hash()
     log.info("model_build_start", path=str(out), seed=p.seed, steps=p.train_steps)
 
+    from npcbus.npc import PROMPT_STYLE_KEY
+
     tokenizer = train_tokenizer(p.vocab_size)
+    tokenizer.init_kwargs[PROMPT_STYLE_KEY] = p.prompt_style
     stream = _training_stream(tokenizer, p.chat_repeat)
     config = _llama_config(p, tokenizer)
+    records = sft_records() if (p.sft_steps or p.persona_steps) else []
     with _seeded(p.seed):
         model = LlamaForCausalLM(config)
         model.to(torch.float32)
-        losses = _pretrain(model, stream, p, progress)
+        pre = _pretrain(model, stream, p, progress)
+        sft = _finetune(model, tokenizer, records, p, progress) if p.sft_steps else None
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     n_params = sum(t.numel() for t in model.parameters())
-    final_loss = sum(losses[-10:]) / len(losses[-10:]) if losses else None
     stamp = {
         "format": 1,
         "builder": BUILDER_VERSION,
@@ -427,7 +593,10 @@ def build_default_model(
         "n_params": n_params,
         "tokenizer_size": len(tokenizer),
         "vocab_size": config.vocab_size,
-        "final_loss": round(final_loss, 4) if final_loss is not None else None,
+        "prompt_style": p.prompt_style,
+        "final_loss": pre.final_loss,
+        "sft": {"records": len(records), "steps": p.sft_steps, "final_loss": sft.final_loss} if sft else None,
+        "personas": None,
         "weights_sha256": weights_hash(model.state_dict()),
         "build_seconds": None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -440,8 +609,12 @@ def build_default_model(
         with _quiet_progress_bars():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():  # some writers create files 0600; the model is meant to be shared
-            f.chmod(0o644)
+        if p.persona_steps:
+            model.name_or_path = str(out)
+            with _seeded(p.seed + 3):
+                stamp["personas"] = _train_personas(model, tokenizer, records, p, tmp / PERSONAS_DIR, progress)
+        for f in tmp.rglob("*"):  # some writers create files 0600; the model is meant to be shared
+            f.chmod(0o755 if f.is_dir() else 0o644)
         stamp["build_seconds"] = round(time.monotonic() - t_start, 1)
         (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if out.exists():
@@ -454,7 +627,8 @@ def build_default_model(
             shutil.rmtree(tmp, ignore_errors=True)
     stamp["path"] = str(out)
     log.info("model_build_done", path=str(out), params=n_params, vocab=config.vocab_size,
-             final_loss=stamp["final_loss"], seconds=stamp["build_seconds"])
+             final_loss=stamp["final_loss"], sft_loss=sft.final_loss if sft else None,
+             personas=len(stamp["personas"] or {}), seconds=stamp["build_seconds"])
     return stamp
 
 

@@ -1,4 +1,5 @@
-"""``npcbus model init [DIR]``: build the offline default model (tokenizer + small Llama).
+"""``npcbus model init [DIR]``: build the offline default model (tokenizer + small Llama, pre-trained,
+fine-tuned on NPC turns) and one LoRA adapter per shipped persona.
 
 Needs no network. Reuses an existing build in DIR when its stamp matches the asked parameters
 (seed, steps, builder version, corpus hash); ``--force`` rebuilds anyway. DIR defaults to
@@ -15,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write the model (default: MODEL_DIR, .npcbus/models/default)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the build (default: MODEL_SEED, 1234)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="pre-training steps (default: the default model's, about two minutes on two cores)")
+                        help="pre-training steps (default: the default model's)")
+    parser.add_argument("--sft-steps", type=int, default=None,
+                        help="fine-tuning steps on NPC turns (default: the default model's; 0: none)")
+    parser.add_argument("--persona-steps", type=int, default=None,
+                        help="training steps of each persona adapter (default: the default model's; 0: none)")
     parser.add_argument("--force", action="store_true", help="rebuild even if DIR holds a matching build")
 
 
@@ -32,16 +37,17 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as e:
         print(f"npcbus model init: {e}")
         return 2
-    if args.steps is not None and args.steps < 0:
-        print("npcbus model init: --steps must be >= 0")
+    if any(v is not None and v < 0 for v in (args.steps, args.sft_steps, args.persona_steps)):
+        print("npcbus model init: --steps, --sft-steps and --persona-steps must be >= 0")
         return 2
 
     from npcbus import model as M
 
     out = Path(args.dir if args.dir is not None else ms.model_dir).expanduser().resolve()
     params = {"seed": args.seed if args.seed is not None else ms.model_seed}
-    if args.steps is not None:
-        params["train_steps"] = args.steps
+    for arg, name in (("steps", "train_steps"), ("sft_steps", "sft_steps"), ("persona_steps", "persona_steps")):
+        if getattr(args, arg) is not None:
+            params[name] = getattr(args, arg)
     reused = not args.force and M.is_current(out, **params)
     if not reused:
         print(f"building the default model in {out} (seed {params['seed']}) ...", flush=True)
@@ -58,5 +64,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  vocabulary:  {stamp.get('vocab_size')} (tokenizer {stamp.get('tokenizer_size')} tokens, byte-level BPE)")
     print(f"  pre-training: {p.get('train_steps')} steps of {p.get('batch_size')}x{p.get('seq_len')} tokens "
           f"over a {stamp.get('stream_tokens')}-token corpus stream, final loss {stamp.get('final_loss')}")
+    sft = stamp.get("sft") or {}
+    if sft:
+        print(f"  fine-tuning: {sft.get('steps')} steps of {p.get('sft_batch_size')} NPC turns ({sft.get('records')} "
+              f"turns, {stamp.get('prompt_style')} prompts), final loss {sft.get('final_loss')}")
+    personas = stamp.get("personas") or {}
+    if personas:
+        print(f"  persona adapters: {', '.join(personas)} ({p.get('persona_steps')} steps each) in {out}/personas/")
     print(f"  seed {stamp.get('seed')}, built in {stamp.get('build_seconds')} s, weights sha256 {str(stamp.get('weights_sha256'))[:16]}")
     return 0

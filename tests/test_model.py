@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import random
 import socket
+from pathlib import Path
 
 import pytest
 
 from npcbus import model as M
 
 # small and quick: the default architecture's checks (head size) still apply
-TINY = {"train_steps": 2, "num_layers": 2, "seq_len": 32, "batch_size": 4}
+TINY = {"train_steps": 2, "num_layers": 2, "seq_len": 32, "batch_size": 4, "sft_steps": 2, "sft_batch_size": 2,
+        "persona_steps": 1, "persona_batch_size": 2}
 
 
 class NetworkBlocked(OSError):
@@ -122,6 +124,30 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert a["weights_sha256"] == b["weights_sha256"] != c["weights_sha256"]
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
     assert any(not wa[k].equal(wc[k]) for k in wa)
+    # the persona adapters are part of the build, deterministic too
+    for pid in a["personas"]:
+        pa, pb, pc = (tmp_path / n / M.PERSONAS_DIR / pid / "adapter_model.safetensors" for n in "abc")
+        assert pa.read_bytes() == pb.read_bytes() != pc.read_bytes(), pid
+
+
+def test_the_build_fine_tunes_on_npc_turns_and_trains_an_adapter_per_persona(tiny_model):
+    from peft import PeftModel
+
+    from npcbus import npc
+
+    stamp = M.read_stamp(tiny_model)
+    assert stamp["prompt_style"] == "compact" and stamp["sft"]["steps"] == 2
+    assert stamp["sft"]["records"] == len(M.sft_records()) > 8 * 300
+    model, tok = M.load_model_and_tokenizer(tiny_model)
+    assert npc.prompt_style_of(tok) == "compact"  # inference renders prompts as the fine-tuning did
+    personas = npc.load_personas()
+    assert set(stamp["personas"]) == set(personas)
+    for pid in personas:
+        folder = Path(tiny_model) / M.PERSONAS_DIR / pid
+        assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+        assert stamp["personas"][pid]["records"] == sum(M.persona_of(r) == pid for r in M.sft_records())
+    peft = PeftModel.from_pretrained(model, str(Path(tiny_model) / M.PERSONAS_DIR / "innkeeper"))
+    assert peft.peft_config["default"].r == M.DefaultModelParams().persona_rank
 
 
 def test_ensure_reuses_a_matching_build_and_rebuilds_otherwise(tiny_model):
@@ -170,7 +196,8 @@ def test_model_init_cli_offline_then_load_and_generate(tmp_path, no_network, cap
     from npcbus.cli import main
 
     out = tmp_path / "m"
-    assert main(["model", "init", str(out), "--seed", "5", "--steps", "2"]) == 0
+    assert main(["model", "init", str(out), "--seed", "5", "--steps", "2", "--sft-steps", "1",
+                 "--persona-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed
     assert "parameters:" in printed and "vocabulary:  4096" in printed and "final loss" in printed
@@ -187,7 +214,8 @@ def test_model_init_cli_offline_then_load_and_generate(tmp_path, no_network, cap
         gen = model.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert gen.shape[1] == enc["input_ids"].shape[1] + 6
 
-    assert main(["model", "init", str(out), "--seed", "5", "--steps", "2"]) == 0
+    assert main(["model", "init", str(out), "--seed", "5", "--steps", "2", "--sft-steps", "1",
+                 "--persona-steps", "1"]) == 0
     assert f"reused the existing build in {out}" in capsys.readouterr().out
 
 
