@@ -1,0 +1,216 @@
+"""NPC quality figures (npcbus.quality) on fixed inputs: pure tests with a stand-in embedding where
+the figure's arithmetic is the point, and the real all-MiniLM-L6-v2 where the model's judgement is."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from npcbus import quality as Q
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def case(dialogue: str = "Welcome to the inn, dear traveler.", *, persona: str = "innkeeper",
+         description: str = "Runs an inn.", player: str = "Hello there!", valid: bool = True,
+         actions: list | None = None, allowed: tuple = ("rent_room", "serve_ale"),
+         targets: tuple = ("", "Corin", "room_3")) -> Q.Case:
+    resp = {"dialogue": dialogue, "emotion": "neutral", "intent": "greet", "actions": actions or [],
+            "relationship_change": 0, "end_conversation": False}
+    return Q.Case(persona, description, player, resp, valid, allowed, targets)
+
+
+# --------------------------------------------------------------------------------------------
+# text figures (pure)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "Welcome to the Sleepy Lantern, dear.",
+    "Aye, the harbor is down the steps behind the fish market.",
+    "Can't say I've heard of it, love!",
+])
+def test_readable_lines_are_well_formed(text):
+    assert Q.is_well_formed(text)
+
+
+@pytest.mark.parametrize("text", [
+    "': '", "", "   ", "Hello there",                     # junk, empty, under 3 words
+    'He said "hello" to me.',                            # JSON punctuation
+    "The {room} is ready now.", "Take [this] with you.", 'dialogue": well then friend',
+    "12 34 56 78 ok ok ok",                              # mostly digits
+    "a, b, c; !!! ??? ... --- ###",                      # mostly punctuation
+])
+def test_junk_is_not_well_formed(text):
+    assert not Q.is_well_formed(text)
+
+
+def test_rates_on_fixed_cases():
+    cases = [case("Welcome to the inn, dear."), case("Welcome to the inn, dear."),
+             case("': '", valid=False), case("The ale is cold tonight.")]
+    assert Q.well_formed_rate(cases) == 0.75
+    assert Q.fallback_rate(cases) == 0.25
+    assert Q.distinct_rate(cases) == 0.75
+    assert Q.well_formed_rate([]) is None and Q.distinct_rate([]) is None
+
+
+def test_words_are_lowercased_letter_runs():
+    assert Q.words("Can't STOP, 3 times!") == ["can", "t", "stop", "times"]
+
+
+def test_in_vocabulary_rate_counts_words_over_all_cases():
+    vocab = frozenset({"the", "inn", "is", "open"})
+    cases = [case("The inn is open."), case("The zxqv is open.")]  # 7 of 8 words known
+    assert Q.in_vocabulary_rate(cases, vocab) == pytest.approx(7 / 8)
+
+
+def test_vocabulary_is_built_from_the_shipped_text(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "corpus" / "lore.txt").write_text("The Old Mill stands by the river.", encoding="utf-8")
+    (tmp_path / "data" / "npc.jsonl").write_text(
+        '{"request": {"player_input": "Where is Brindle?", "history": [{"role": "npc", "text": "Hush now."}]},'
+        ' "response": {"dialogue": "Past the well.", "emotion": "neutral"}}\n', encoding="utf-8")
+    vocab = Q.build_vocabulary(tmp_path / "corpus", tmp_path / "data")
+    assert vocab == {"the", "old", "mill", "stands", "by", "river", "where", "is", "brindle", "hush", "now", "past",
+                     "well"}
+    shipped = Q.build_vocabulary()
+    assert {"innkeeper", "harbor", "ale"} <= shipped and "zxqv" not in shipped
+
+
+def test_action_validity():
+    ok = {"type": "rent_room", "target": "room_3"}
+    assert Q.action_validity([case(), case()]) == 1.0  # no actions at all
+    assert Q.action_validity([case(actions=[ok])]) == 1.0
+    outside = {"type": "cast_fireball", "target": "room_3"}  # not one of the persona's actions
+    assert Q.action_validity([case(actions=[outside])]) == 0.0
+    bad_target = {"type": "serve_ale", "target": "the moon"}
+    assert Q.action_validity([case(actions=[ok, bad_target]), case(actions=[ok, outside])]) == 0.5
+    assert Q.action_validity([case(actions=[{"type": "serve_ale"}])]) == 1.0  # no target: ""
+
+
+def test_case_from_request_reads_the_persona():
+    c = Q.case_from_request({"persona_id": "innkeeper", "player_input": "Hi!", "player": {"name": "Corin"}},
+                            {"dialogue": "Hello, love.", "actions": []}, valid=True)
+    assert c.persona_id == "innkeeper" and c.player_line == "Hi!" and c.valid
+    assert "Sleepy Lantern" in c.persona_description and "rent_room" in c.allowed_actions
+    assert {"", "Corin", "harbor"} <= set(c.allowed_targets)
+
+
+def test_derangement_is_fixed_by_its_seed_and_moves_everything():
+    for n in (2, 3, 10, 57):
+        p = Q.derangement(n, seed=7)
+        assert sorted(p) == list(range(n)) and all(p[i] != i for i in range(n))
+        assert p == Q.derangement(n, seed=7)
+    assert Q.derangement(20, seed=1) != Q.derangement(20, seed=2)
+    with pytest.raises(ValueError):
+        Q.derangement(1)
+
+
+def fake_embed(table: dict[str, list[float]]):
+    def embed(texts):
+        v = np.array([table[t] for t in texts], dtype=np.float64)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+    return embed
+
+
+def test_relevance_arithmetic_with_a_stand_in_embedding():
+    # each player line points along one axis, its reply along the same axis: cosine 1 with its own
+    # reply, 0 with any other
+    table = {"p0": [1, 0, 0], "p1": [0, 1, 0], "p2": [0, 0, 1], "r0": [1, 0, 0], "r1": [0, 1, 0], "r2": [0, 0, 1]}
+    cases = [case(f"r{i}", player=f"p{i}") for i in range(3)]
+    rel = Q.relevance(cases, fake_embed(table))
+    assert rel["value"] == pytest.approx(1.0) and rel["baseline"] == pytest.approx(0.0) and rel["ratio"] is None
+    assert Q.relevance(cases[:1], fake_embed(table)) == {"value": None, "baseline": None, "ratio": None}
+
+
+def test_persona_consistency_arithmetic_with_a_stand_in_embedding():
+    table = {"inn": [1, 0], "forge": [0, 1], "ale": [0.9, 0.1], "steel": [0.2, 0.8], "ale?": [0.1, 0.9]}
+    cases = [case("ale", persona="innkeeper", description="inn"),
+             case("steel", persona="blacksmith", description="forge"),
+             case("ale?", persona="innkeeper", description="inn")]
+    assert Q.persona_consistency(cases, fake_embed(table)) == pytest.approx(2 / 3)
+    assert Q.persona_consistency(cases[:1], fake_embed(table)) is None  # one persona: undefined
+
+
+def test_goals():
+    assert Q.goal_met("well_formed", 0.95, None) and not Q.goal_met("well_formed", 0.9, None)
+    assert Q.goal_met("fallback", 0.02, None) and not Q.goal_met("fallback", 0.03, None)
+    assert Q.goal_met("relevance", 0.1, 1.3) and not Q.goal_met("relevance", 0.5, 1.1)
+    assert Q.goal_met("action_validity", 1.0, None) and not Q.goal_met("action_validity", 0.99, None)
+    assert Q.goal_met("in_vocabulary", 0.5, None) is None
+    assert Q.goal_met("persona_consistency", None, None) is False  # not measurable: not met
+
+
+def test_format_table_marks_missed_goals():
+    rep = {"cases": 2, "well_formed": {"value": 1.0}, "fallback": {"value": 0.5}, "distinct": {"value": 1.0},
+           "in_vocabulary": {"value": 0.9}, "relevance": {"value": 0.3, "baseline": 0.1, "ratio": 3.0},
+           "persona_consistency": {"value": None}, "action_validity": {"value": 1.0}}
+    table = Q.format_table({"finetuned": rep})
+    row = table.splitlines()[3]
+    assert row.split()[:5] == ["finetuned", "2", "100.0%", "50.0%", "x"]
+    assert "3.00" in row and "-" in row.split()
+
+
+# --------------------------------------------------------------------------------------------
+# with the real sentence embedding (all-MiniLM-L6-v2, from its package's own files)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Q.Embedder(threads=2)
+
+
+def test_embedder_gives_unit_vectors(embedder):
+    v = embedder(["The harbor is down the steps.", "I forge swords."])
+    assert v.shape == (2, 384) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert embedder([]).shape == (0, 384)
+
+
+PAIRS = [
+    ("Where can I find the harbor?", "The harbor? Go down the steps behind the fish market, you will smell it."),
+    ("Can you fix my broken sword?", "Aye, leave the sword on the anvil and I will mend the blade by noon."),
+    ("Do you have a room for the night?", "I have a room upstairs for the night, two silver with breakfast."),
+    ("What herbs help with a fever?", "Willow bark tea and feverfew will bring a fever down, drink it warm."),
+    ("Sing me a song about the sea!", "Gather round, I'll sing of the waves and the sailors lost at sea."),
+]
+
+
+def test_a_relevant_reply_scores_above_a_shuffled_one(embedder):
+    cases = [case(reply, player=player) for player, reply in PAIRS]
+    rel = Q.relevance(cases, embedder, seed=3)
+    assert rel["value"] > rel["baseline"]
+    assert rel["ratio"] > 1.2
+    # pair by pair too: each player line is closer to its own reply than to the one it is shuffled with
+    v = embedder([p for p, _ in PAIRS] + [r for _, r in PAIRS])
+    n = len(PAIRS)
+    perm = Q.derangement(n, 3)
+    assert all(v[i] @ v[n + i] > v[i] @ v[n + perm[i]] for i in range(n))
+
+
+def test_a_reply_matching_its_personas_description_is_consistent(embedder):
+    smith = "A blacksmith who forges swords, axes and horseshoes at the anvil in her smithy."
+    healer = "A healer who tends the sick with herbs, poultices and prayers at the temple."
+    cases = [
+        case("I'll hammer out a new axe head on the anvil for you.", persona="blacksmith", description=smith),
+        case("Rest now, this poultice of herbs will ease the fever.", persona="healer", description=healer),
+        case("Every sword I forge is quenched twice in the smithy.", persona="blacksmith", description=smith),
+        case("Rest now, this poultice of herbs will ease the fever.", persona="blacksmith", description=smith),
+    ]
+    # the first three match their own persona; the last is the healer's line under the smith's name
+    assert Q.persona_consistency(cases, embedder) == pytest.approx(0.75)
+
+
+def test_measure_gives_every_figure(embedder):
+    cases = [case(reply, player=player, persona=f"p{i % 2}", description=d)
+             for i, ((player, reply), d) in enumerate(zip(PAIRS, ["an inn", "a forge"] * 3, strict=False))]
+    rep = Q.measure(cases, embedder, Q.build_vocabulary())
+    assert set(rep) == {*Q.FIGURES, "cases"} and rep["cases"] == 5
+    assert rep["well_formed"]["value"] == 1.0 and rep["fallback"]["value"] == 0.0
+    assert rep["distinct"]["value"] == 1.0 and rep["action_validity"]["value"] == 1.0
+    assert 0.8 < rep["in_vocabulary"]["value"] <= 1.0
+    assert rep["relevance"]["ratio"] > 1.2
