@@ -85,6 +85,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from npcbus.settings import Settings, env_field
@@ -103,6 +104,10 @@ class AggregatorSettings(Settings):
         "ADAPTERS", ["npc"], "Comma-separated adapters this aggregator manages (version 0 of each is created at first start).",
         check=lambda xs: bool(xs) and all(x and "/" not in x and not x.startswith(".") for x in xs),
         check_msg="give at least one adapter name without '/' or a leading '.'")
+    persona_adapters: bool = env_field(
+        "PERSONA_ADAPTERS", True, "Also manage one adapter per persona that the offline default model was built "
+        "with (named by the persona id, as GET /v1/personas lists them): version 0 is the adapter `npcbus model init` "
+        "trained on that persona's turns, so persona sessions use it from the first start. Ignored with BASE_MODEL.")
     checkpoint_dir: str = env_field(
         "CHECKPOINT_DIR", ".npcbus/checkpoints", "Where adapter versions (PEFT folders + manifest.json) and leases are kept.")
     num_tasks_per_round: int = env_field(
@@ -359,6 +364,7 @@ class Aggregator:
         self.log = get_logger("aggregator")
         # tests may supply version-0 files instead of building them from the base model
         self._initial_files = initial_files
+        self._personas: dict[str, Path] = {}  # persona adapter name -> its trained folder in the default model
         self._eval = None  # (base model, tokenizer, records) for HELDOUT_DATA
         self._tick_task: asyncio.Task | None = None
         self._leases_lock = asyncio.Lock()
@@ -376,11 +382,13 @@ class Aggregator:
         from npcbus.bus import Bus
 
         s = self.settings
-        self.log.info("aggregator starting", adapters=s.adapters, checkpoint_dir=str(self.store.root),
+        self._personas = await asyncio.to_thread(self._persona_adapter_dirs)
+        names = list(dict.fromkeys([*s.adapters, *self._personas]))
+        self.log.info("aggregator starting", adapters=names, checkpoint_dir=str(self.store.root),
                       quorum=s.num_tasks_per_round, min_updates=s.min_updates_per_round,
                       round_timeout_s=s.round_timeout_s, aggregation=s.method, max_staleness=s.max_staleness,
                       server_optimizer=s.make_server_optimizer().config())
-        for name in s.adapters:
+        for name in names:
             state = await asyncio.to_thread(self.store.load, name)
             if state is None:
                 state = await self._create_version0(name)
@@ -444,10 +452,27 @@ class Aggregator:
         return opt
 
     # version 0 ----------------------------------------------------------------------------------
+    def _persona_adapter_dirs(self) -> dict[str, Path]:
+        """The persona adapters the offline default model was built with (PERSONA_ADAPTERS; none when
+        version-0 files are supplied, as tests do for the adapters they name)."""
+        if not self.settings.persona_adapters or self.model_settings.base_model or self._initial_files is not None:
+            return {}
+        from npcbus.model import PERSONAS_DIR, resolve_base_model
+
+        root = Path(resolve_base_model(self.model_settings)) / PERSONAS_DIR
+        if not root.is_dir():
+            return {}
+        return {d.name: d for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()}
+
     async def _create_version0(self, adapter: str):
         if self._initial_files is not None:
             files = self._initial_files(adapter) if callable(self._initial_files) else self._initial_files
             extra = {"init": "supplied"}
+        elif adapter in self._personas:
+            from npcbus.adapter_store import read_adapter_files
+
+            files = await asyncio.to_thread(read_adapter_files, self._personas[adapter])
+            extra = {"init": {"persona": adapter, "path": str(self._personas[adapter])}}
         else:
             files, extra = await asyncio.to_thread(self._fresh_adapter_files, adapter)
         metrics = {}

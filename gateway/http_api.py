@@ -186,13 +186,15 @@ async def metrics_page(_request: web.Request) -> web.Response:
     return resp
 
 
-async def personas(_request: web.Request) -> web.Response:
+async def personas(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
     try:
         catalog = load_personas()
     except (OSError, ValueError):
         catalog = {}
     data = [{"id": pid, **{k: p.get(k) for k in ("name", "description", "traits", "speaking_style",
-                                                  "allowed_actions", "allowed_emotions") if k in p}}
+                                                  "allowed_actions", "allowed_emotions", "known_entities") if k in p},
+             "adapter": gw.adapters.default_for_persona(pid) if gw.adapters is not None else None}
             for pid, p in catalog.items()]
     return web.json_response({"object": "list", "data": data})
 

@@ -75,9 +75,11 @@ class ModelCatalog:
         return name, version
 
     def default_for_persona(self, persona_id: str) -> str | None:
-        """The adapter a session of this persona uses when it names none."""
+        """The adapter a session of this persona uses when it names none: the one named after the persona
+        (in the manifest, or reported by an inference consumer: the aggregator's persona adapters), else
+        the first one the manifest registers for it."""
         entries = self._entries()
-        if persona_id in entries:
+        if persona_id in entries or persona_id in self.seen:
             return persona_id
         for name in sorted(entries):
             if entries[name].persona_id == persona_id:

@@ -95,15 +95,15 @@ class LocalStack:
     def checkpoints(self) -> Path:
         return self.dir / "data" / "checkpoints"
 
-    def manifests(self) -> list[dict]:
+    def manifests(self, adapter: str = ADAPTER) -> list[dict]:
         from aggregator.state import CheckpointStore
 
-        if not (self.checkpoints / ADAPTER).is_dir():
+        if not (self.checkpoints / adapter).is_dir():
             return []
-        return CheckpointStore(self.checkpoints).manifests(ADAPTER)
+        return CheckpointStore(self.checkpoints).manifests(adapter)
 
-    def version(self) -> int:
-        ms = self.manifests()
+    def version(self, adapter: str = ADAPTER) -> int:
+        ms = self.manifests(adapter)
         return ms[-1]["version"] if ms else -1
 
     # logs ------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ class LocalStack:
                        "audience": "general", "adapter": ADAPTER,
                        "generation": {"max_new_tokens": 96, "temperature": 0.0}}
                 msg.update(start)
-                await ws.send(msg)
+                await ws.send({k: v for k, v in msg.items() if v is not None})  # adapter=None: the persona's
                 await ws.expect("session.started", timeout=30)
                 yield ws
             finally:

@@ -94,3 +94,65 @@ async def test_feedback_driven_round_produces_the_version_the_next_turn_uses(req
         assert final["adapter"] == "npc" and final["adapter_version"] >= new
         swapped = stack.service_events("infer", "adapter version swapped", adapter="npc")
         assert any(e["version"] >= new for e in swapped)
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not broker_up(), reason="needs the local RabbitMQ")
+async def test_every_persona_has_an_adapter_and_feedback_trains_the_one_that_answered(request, model_dir):
+    """After the first start every shipped persona has an adapter (version 0: the one `npcbus model
+    init` trained); a persona session that names no adapter uses its persona's, and feedback on its
+    turn makes a new version of that adapter, which the next turn uses."""
+    from npcbus.npc import load_personas
+
+    from .stack_util import shared_stack
+
+    stack = shared_stack(request, model_dir)
+    await stack.wait_gateway_ready()
+    personas = list(load_personas())
+    for pid in personas:
+        first = stack.manifests(pid)
+        assert first and first[0]["version"] == 0, f"persona {pid} has no adapter"
+        assert first[0].get("init", {}).get("persona") == pid, first[0]
+    # the inference consumer's heartbeats name every announced adapter: the gateway offers each persona's
+    import aiohttp
+
+    from .stack_util import TOKEN
+
+    end = time.monotonic() + 60
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        while True:
+            async with http.get(f"{stack.base_url}/v1/personas") as r:
+                listed = {p["id"]: p for p in (await r.json())["data"]}
+            if all(listed[pid]["adapter"] == pid for pid in personas):
+                break
+            assert time.monotonic() < end, f"personas without their adapter: {listed}"
+            await asyncio.sleep(1.0)
+    assert listed["innkeeper"]["known_entities"]
+    pid = "blacksmith"
+    async with stack.chat(persona_id=pid, adapter=None) as ws:
+        started = next(e for e in ws.received if e["type"] == "session.started")
+        assert started["adapter"] == pid, started
+        _deltas, first = await ws.turn("persona-1", "Can you fix my sword?")
+        assert first["type"] == "turn.final", first
+        assert first["adapter"] == pid and first["adapter_version"] is not None
+        await ws.send({"type": "turn.feedback", "turn_id": "persona-1", "thumbs": "up"})
+        ack = await ws.expect("turn.feedback.accepted", turn_id="persona-1")
+        task_id = batch_task_id([ack["experience_id"]])
+        end = time.monotonic() + 240
+        while not any(task_id in m.get("task_ids", []) for m in stack.manifests(pid)):
+            assert time.monotonic() < end, f"no {pid} version from the feedback's task\n" + stack.sup.tails(n=15)
+            await asyncio.sleep(0.5)
+        new = next(m for m in stack.manifests(pid) if task_id in m.get("task_ids", []))["version"]
+        assert new > first["adapter_version"]
+        assert not any(task_id in m.get("task_ids", []) for m in stack.manifests()), "the npc adapter trained it"
+        end = time.monotonic() + 120
+        n = 2
+        while True:
+            _deltas, final = await ws.turn(f"persona-{n}", "Show me your wares.")
+            if final.get("adapter_version") is not None and final["adapter_version"] >= new:
+                break
+            assert time.monotonic() < end, f"turns still answered by version {final.get('adapter_version')}, not {new}"
+            n += 1
+            await asyncio.sleep(1.0)
+        assert final["adapter"] == pid

@@ -461,7 +461,11 @@ class AdapterVersions:
         self._retired: list[AdapterVersion] = []
 
     def snapshot(self) -> dict[str, int]:
-        return {name: v.version for name, v in self.current.items()}
+        """Adapter name -> version, for every adapter this consumer serves: the ones loaded and the
+        ones announced (loaded on first use), so that gateways learn of every adapter that exists."""
+        out = {name: a.version for name, a in self.announced.items()}
+        out.update((name, v.version) for name, v in self.current.items())
+        return out
 
     def _lock(self, name: str) -> asyncio.Lock:
         lk = self._locks.get(name)
