@@ -52,7 +52,8 @@ What it does, per adapter in ``ADAPTERS``:
   it on the versions fanout, then acknowledge the round's deltas. A crash anywhere leaves either
   no new version (the unacknowledged deltas are redelivered and aggregated again) or a persisted
   version whose manifest lists the deltas (the redelivered copies are rejected as ``duplicate``,
-  never applied twice). On start the current version of every adapter is announced again. If the
+  never applied twice). On start, and every ``REANNOUNCE_INTERVAL_SEC`` after, the current version of
+  every adapter is announced again (a consumer that started later learns of it). If the
   connection drops while a round is open, the broker redelivers its deltas: a copy arriving while
   the round is still open replaces the dead delivery handle (it is acknowledged when the round
   closes); one arriving after the version was written is a ``duplicate``.
@@ -123,6 +124,11 @@ class AggregatorSettings(Settings):
     tick_interval_s: float = env_field(
         "TICK_INTERVAL_SEC", 1.0, "How often round timeouts and task leases are checked, in seconds.",
         check=lambda x: 0 < x <= 60, check_msg="must be > 0 and <= 60")
+    reannounce_interval_s: float = env_field(
+        "REANNOUNCE_INTERVAL_SEC", 15.0, "Seconds between announcements of every adapter's current version again, so "
+        "that inference consumers and workers that started (or reconnected) after an announcement learn of it; 0: "
+        "announce each version only when it is made and when the aggregator starts.",
+        check=lambda x: x >= 0, check_msg="must be >= 0")
     max_staleness: int = env_field(
         "MAX_STALENESS", 2, "A delta based on a version more than this many versions old is rejected as stale.",
         check=lambda n: n >= 0, check_msg="must be >= 0")
@@ -339,6 +345,8 @@ class _Adapter:
     optimizer: object  # npcbus.lora.ServerOptimizer, in the state of `state`'s version
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     announce_pending: bool = True
+    announced_version: int | None = None  # the version last announced, and when (monotonic)
+    announced_at: float = 0.0
 
 
 class Aggregator:
@@ -556,8 +564,15 @@ class Aggregator:
             ad.announce_pending = True
             return False
         ad.announce_pending = False
-        self.log.info("version announced", adapter=adapter, version=st.version, hash=st.content_hash[:12])
+        again = ad.announced_version == st.version
+        ad.announced_version, ad.announced_at = st.version, time.monotonic()
+        (self.log.debug if again else self.log.info)("version announced", adapter=adapter, version=st.version,
+                                                     hash=st.content_hash[:12], again=again)
         return True
+
+    def _reannounce_due(self, ad: _Adapter, now: float) -> bool:
+        every = self.settings.reannounce_interval_s
+        return ad.announce_pending or (every > 0 and now - ad.announced_at >= every)
 
     async def _resolve_fetch(self, adapter: str, version: int | None):
         from npcbus.messages import AdapterFetchReply
@@ -832,7 +847,7 @@ class Aggregator:
                             await self._close_round(ad, "timeout")
                         elif decision == "expire":
                             await self._expire_round(ad)
-                        if ad.announce_pending:
+                        if self._reannounce_due(ad, time.monotonic()):
                             await self._announce(ad.state.adapter)
                 # give redelivered deltas a moment after a restart before leases count
                 if time.time() - self._started_at >= 2 * s.tick_interval_s:

@@ -455,6 +455,35 @@ async def test_restart_recognises_applied_deltas_and_reannounces(bus, bus_settin
         await agg2.stop()
 
 
+@pytest.mark.broker
+async def test_current_versions_are_announced_again_for_late_listeners(bus, bus_settings, tmp_path):
+    """A consumer that starts after the aggregator announced (an inference engine that takes its time)
+    still hears of every adapter within REANNOUNCE_INTERVAL_SEC; 0 turns the repeats off."""
+    from npcbus.messages import VersionAnnouncement
+
+    agg = await start_aggregator(bus_settings, tmp_path, reannounce_interval_s=0.5)
+    try:
+        await asyncio.sleep(0.3)  # the start's announcement has gone by; this listener comes later
+        heard: list[VersionAnnouncement] = []
+        spec = bus.topology.listener_queue("versions", "late" + bus.client_id, bus.topology.versions_exchange)
+        await bus.consume(spec, lambda m, d: _collect(heard, m), prefetch=10)
+        await wait_for(lambda: len(heard) >= 2, timeout=5, what="two announcements of version 0")
+        assert {(a.adapter, a.version) for a in heard} == {(ADAPTER, 0)}
+        assert len({a.content_hash for a in heard}) == 1
+    finally:
+        await agg.stop()
+    agg = await start_aggregator(bus_settings, tmp_path, reannounce_interval_s=0.0)
+    try:
+        quiet: list[VersionAnnouncement] = []
+        spec = bus.topology.listener_queue("versions", "quiet" + bus.client_id, bus.topology.versions_exchange)
+        await asyncio.sleep(0.3)
+        await bus.consume(spec, lambda m, d: _collect(quiet, m), prefetch=10)
+        await asyncio.sleep(1.5)
+        assert quiet == []
+    finally:
+        await agg.stop()
+
+
 async def _collect(out, m):
     out.append(m)
 
