@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = get_logger("npcbus.model")
 
 #: Bump when the build changes in a way that changes the weights; stale stamps then rebuild.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 STAMP_FILE = "npcbus_model.json"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 CORPUS_FILES = ("lore.txt", "dialogue.txt", "chat.txt")
@@ -111,6 +111,10 @@ class DefaultModelParams:
     sft_learning_rate: float = 1.5e-3
     sft_warmup_steps: int = 20
     sft_max_length: int = 640
+    #: each fine-tuning step also takes the language-model loss on this many pre-training windows
+    #: (of ``sft_rehearsal_len`` tokens), so that fine-tuning keeps what pre-training taught
+    sft_rehearsal_batch: int = 2
+    sft_rehearsal_len: int = 256
     #: how NPC requests become prompts for this model (npcbus.npc.PROMPT_STYLES); recorded in its tokenizer
     prompt_style: str = "compact"
     # one LoRA adapter per shipped persona (``personas/<id>/``), trained on that persona's turns
@@ -132,6 +136,8 @@ class DefaultModelParams:
             raise ValueError("train_steps and chat_repeat must be >= 0, seq_len >= 8 and batch_size >= 1")
         if self.sft_steps < 0 or self.sft_batch_size < 1 or self.sft_max_length < 64:
             raise ValueError("sft_steps must be >= 0, sft_batch_size >= 1 and sft_max_length >= 64")
+        if self.sft_rehearsal_batch < 0 or self.sft_rehearsal_len < 8:
+            raise ValueError("sft_rehearsal_batch must be >= 0 and sft_rehearsal_len >= 8")
         if self.persona_steps < 0 or self.persona_batch_size < 1 or self.persona_rank < 1:
             raise ValueError("persona_steps must be >= 0, persona_batch_size and persona_rank >= 1")
         if self.prompt_style not in ("full", "compact"):
@@ -456,14 +462,19 @@ def _sft_batches(examples: list, batch_size: int, steps: int, seed: int) -> Iter
         made += min(len(batches), steps - made)
 
 
-def _finetune(model, tokenizer, records: list[dict], p: DefaultModelParams,
+def _finetune(model, tokenizer, records: list[dict], stream: list[int], p: DefaultModelParams,
               progress: Callable[[dict[str, Any]], None] | None) -> _Progress:
-    """Full fine-tuning on NPC turns, loss on the response tokens only (the head runs on those alone)."""
+    """Full fine-tuning on NPC turns, loss on the response tokens only (the head runs on those alone),
+    plus the language-model loss on a few pre-training windows per step (rehearsal): without it the
+    model forgets its corpus (its perplexity on the lore rose past that of a uniform guess)."""
     import torch
 
     from npcbus.training import IGNORE_INDEX, _collate, encode_examples
 
     examples = encode_examples(records, tokenizer, p.sft_max_length)
+    data = torch.tensor(stream, dtype=torch.long)
+    n_windows = data.numel() - p.sft_rehearsal_len - 1
+    gen = torch.Generator().manual_seed(p.seed + 4)
     opt = _optimizer(model, p.sft_learning_rate, p.weight_decay)
     model.train()
     report = _Progress("finetune", p.sft_steps, progress)
@@ -479,11 +490,17 @@ def _finetune(model, tokenizer, records: list[dict], p: DefaultModelParams,
         keep = target != IGNORE_INDEX
         logits = model.lm_head(hidden[keep])
         loss = torch.nn.functional.cross_entropy(logits.float(), target[keep])
+        tokens, sft_loss = int(mask.sum()), float(loss.detach())
+        if p.sft_rehearsal_batch and n_windows > 0:
+            starts = torch.randint(0, n_windows, (p.sft_rehearsal_batch,), generator=gen)
+            lm = torch.stack([data[s: s + p.sft_rehearsal_len] for s in starts.tolist()])
+            loss = loss + model(input_ids=lm, labels=lm).loss
+            tokens += lm.numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        report.step(float(loss.detach()), lr, int(mask.sum()))
+        report.step(sft_loss, lr, tokens)  # the response loss alone, comparable across builds
     model.eval()
     return report
 
@@ -576,7 +593,7 @@ def build_default_model(
         model = LlamaForCausalLM(config)
         model.to(torch.float32)
         pre = _pretrain(model, stream, p, progress)
-        sft = _finetune(model, tokenizer, records, p, progress) if p.sft_steps else None
+        sft = _finetune(model, tokenizer, records, stream, p, progress) if p.sft_steps else None
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -30,18 +30,21 @@ def base(model_dir):
 
 @pytest.fixture(scope="module")
 def npc_records():
-    recs = training.as_records(training.load_examples(DATA_FILES / "npc_dialogue.jsonl"))
+    """The shipped alignment turns (answers to harmful or off-limits player lines): behaviour that the
+    default model was not fine-tuned on (its fine-tuning saw the ordinary NPC turns), so an adapter
+    has something to learn that shows on held-out records."""
+    recs = training.as_records(training.load_examples(DATA_FILES / "npc_alignment.jsonl"))
     assert len(recs) > 40 and all("request" in r and "response" in r for r in recs)
     return recs
 
 
 @pytest.fixture(scope="module")
 def trained(base, npc_records):
-    """One short run on the shipped NPC data; held-out loss before and after."""
+    """One short run on the shipped alignment turns; held-out loss before and after."""
     model, tok = base
     train, held = npc_records[:-12], npc_records[-12:]
     before = training.heldout_loss(model, tok, held, max_length=FAST["max_length"])
-    cfg = training.TrainConfig(max_steps=8, learning_rate=1e-2, seed=3, **FAST)
+    cfg = training.TrainConfig(max_steps=24, learning_rate=5e-3, seed=3, **FAST)
     seen = []
     result = training.train_lora(model, tok, train, cfg, progress=seen.append)
     return {"result": result, "before": before, "held": held, "cfg": cfg, "progress": seen}
@@ -59,10 +62,10 @@ def test_training_lowers_heldout_loss(base, trained):
     model, tok = base
     res = trained["result"]
     m = res.metrics
-    assert m["steps"] == 8 and m["samples"] == 16 and m["tokens"] > 0 and m["duration_s"] > 0
+    assert m["steps"] == 24 and m["samples"] == 48 and m["tokens"] > 0 and m["duration_s"] > 0
     assert all(math.isfinite(float(v)) for v in m.values())
     assert {"loss_mean", "loss_last", "grad_norm_mean", "tokens_per_s"} <= set(m)
-    assert [p["step"] for p in trained["progress"]] == list(range(1, 9))
+    assert [p["step"] for p in trained["progress"]] == list(range(1, 25))
     assert trained["progress"][-1]["loss"] == pytest.approx(m["loss_last"], abs=1e-4)
     names = list(res.adapter_state)
     assert names and all(n.startswith("base_model.model.") and ".lora_" in n for n in names)

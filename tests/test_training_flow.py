@@ -37,8 +37,9 @@ HYPER = {"lr": 5e-3, "batch_size": 2, "max_length": 192, "lr_schedule": "constan
 
 
 def split_data() -> tuple[list[dict], list[dict]]:
-    """Shipped NPC dialogue: every 10th record held out, the rest for training."""
-    records = read_jsonl(DATA_FILES / "npc_dialogue.jsonl")
+    """The shipped alignment turns (behaviour the default model was not fine-tuned on, so training has
+    something to learn): every 10th record held out, the rest for training."""
+    records = read_jsonl(DATA_FILES / "npc_alignment.jsonl")
     held = records[::10]
     train = [r for i, r in enumerate(records) if i % 10]
     return train, held
@@ -353,25 +354,6 @@ async def _in_process(bus_settings, tmp_path, workers: int, quant: str = "fp16",
     return agg, out
 
 
-def test_worker_dead_letters_bad_tasks_in_a_fresh_process():
-    """Runs the test below in a fresh interpreter. In the process of the whole suite it has stalled
-    twice (no task reached the worker) while passing alone and with this file: an order dependence
-    on some earlier test that is not found yet. A fresh process keeps the check honest meanwhile."""
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"{__file__}::test_worker_dead_letters_bad_tasks_and_trains_good_ones"],
-                       env={**os.environ, "NPCBUS_ISOLATED": "1"}, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "1 passed" in r.stdout
-
-
-@pytest.mark.skipif(os.environ.get("NPCBUS_ISOLATED") != "1",
-                    reason="run in its own process by test_worker_dead_letters_bad_tasks_in_a_fresh_process")
 async def test_worker_dead_letters_bad_tasks_and_trains_good_ones(bus, bus_settings, tmp_path):
     from npcbus.codec import decode
     from npcbus.tasks import build_tasks, publish_task_messages
