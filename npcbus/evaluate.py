@@ -18,6 +18,13 @@ Evaluations (any combination in one run; each configuration is evaluated on all 
   "expect": {"contains": [...], "not_contains": [...], "regex": ..., "starts_with": ...,
   "min_chars": n, "max_chars": n, "json": true, "npc_valid": true}, "max_new_tokens": n}``).
 
+- ``--npc-quality [CASES.jsonl]``: what a player reads (``npcbus.quality``: well-formed, fallback,
+  distinct, in-vocabulary, relevance, persona consistency, action validity) for the base model
+  before fine-tuning, after it and with its persona adapters, each case through the real inference
+  consumer over the local RabbitMQ (``AMQP_URL``): the measurement of ``python -m bench.npc``,
+  run from a source checkout (default cases: the shipped held-out turns; ``--limit``,
+  ``--max-new-tokens`` and ``--base-model`` apply).
+
 Configurations: ``--adapter REF`` (a PEFT folder or a registered ``name[@N]``; repeatable) and
 ``--with-base`` to add the base model alone; with no adapter the base model alone is evaluated.
 
@@ -618,8 +625,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="Batch size.")
     p.add_argument("--plot-losses", metavar="PNG", help="Plot loss across adapter versions from the aggregator's manifests.")
     p.add_argument("--plot-adapter", action="append", default=[], help="Adapters to plot (default: all found).")
+    p.add_argument("--npc-quality", nargs="?", const="", default=None, metavar="CASES.jsonl",
+                   help="NPC quality of what a player reads, before/after fine-tuning and with the persona adapters, "
+                        "through the inference consumer over RabbitMQ (bench.npc's measurement; default cases: the "
+                        "shipped held-out turns).")
     p.add_argument("--report", metavar="FILE", help="Write the JSON report here.")
     p.add_argument("--json", action="store_true", help="Print the JSON report instead of the table.")
+
+
+def _bench_npc():
+    """``bench.npc`` (the NPC quality measurement), from the source checkout this package lives in."""
+    try:
+        import bench.npc as bench_npc
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "bench" / "npc.py").is_file():
+            raise EvalError("--npc-quality runs bench/npc.py's measurement: run it from a source checkout") from None
+        sys.path.insert(0, str(root))
+        import bench.npc as bench_npc
+    return bench_npc
+
+
+def run_npc_quality(args: argparse.Namespace) -> dict:
+    """``--npc-quality``: :func:`bench.npc.run` over the given cases (see the module docstring)."""
+    bench_npc = _bench_npc()
+    try:
+        return bench_npc.run(args.npc_quality or None, limit=args.limit, max_tokens=args.max_new_tokens,
+                             base_model=args.base_model or None)
+    except OSError as e:  # the broker is not reachable
+        raise EvalError(f"--npc-quality needs RabbitMQ (AMQP_URL): {type(e).__name__}: {e}") from None
 
 
 def _limit(xs: list, n: int | None) -> list:
@@ -637,8 +671,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": []}
     wants_model = bool(args.perplexity or args.npc or args.mc or args.regression)
-    if not (wants_model or args.npc_outputs or args.plot_losses):
-        raise EvalError("nothing to do: give --perplexity, --npc, --npc-outputs, --mc, --regression or --plot-losses")
+    npc_quality = getattr(args, "npc_quality", None) is not None
+    if not (wants_model or args.npc_outputs or args.plot_losses or npc_quality):
+        raise EvalError("nothing to do: give --perplexity, --npc, --npc-outputs, --mc, --regression, --npc-quality "
+                        "or --plot-losses")
+    if npc_quality:
+        report["npc_quality"] = run_npc_quality(args)
     if args.npc_outputs:
         report["npc_outputs"] = npc_score(_limit(read_jsonl(args.npc_outputs), args.limit))
     if args.plot_losses:
@@ -684,6 +722,8 @@ def _run(args: argparse.Namespace) -> int:
         table = format_table(report)
         if table:
             print(table)
+        if "npc_quality" in report:
+            print(_bench_npc().table(report["npc_quality"]))
         if "npc_outputs" in report:
             s = report["npc_outputs"]
             print(f"npc outputs: n={s['n']} json {_pct(s['json_valid_rate'])} schema {_pct(s['schema_valid_rate'])} "
