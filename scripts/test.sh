@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need, make sure RabbitMQ runs, run the whole test suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k bus -x).
+# Tests run in a fixed order; to look for order dependence, shuffle them (pytest-random-order):
+#   scripts/test.sh --random-order-seed=N [--random-order-bucket=global]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
