@@ -1,14 +1,16 @@
 """NPC quality benchmark: what a player reads, through the real inference consumer.
 
     python -m bench.npc [--quick] [--cases FILE] [--limit N] [--max-tokens N] [--engine auto|vllm|hf]
-                        [--replies FILE.jsonl]
+                        [--pretrained] [--greedy] [--replies FILE.jsonl]
 
 Held-out NPC turns (``npcbus/data_files/npc_heldout.jsonl``: player lines that no training record
 contains) go as ``npc`` generation requests over the RabbitMQ at ``AMQP_URL``, in a throw-away
 namespace, to the inference consumer (:class:`workers.infer_worker.InferenceWorker`) on the vLLM
 engine when it is importable, else the transformers engine, on the project's offline default
 model. Each case's final response (after validation, fallback and rails: what the player reads)
-is scored by :mod:`npcbus.quality`. Greedy decoding, so a run is repeatable.
+is scored by :mod:`npcbus.quality`. Each case is generated with the sampling a player gets (the NPC
+request's generation defaults: temperature 0.7, top-p 0.95, top-k 50) and a seed of its own (from
+its persona and player line), so a run is repeatable; ``--greedy`` decodes greedily instead.
 
 Variants, each over the same cases:
 
@@ -34,8 +36,9 @@ reference responses of the same cases. ``compared_with`` gives the same figure o
 this one improves on (fine-tuned against pre-trained, persona adapter against no adapter). A table
 of every variant (and the references) goes to stderr.
 
-``--quick`` (CI): 16 cases, two per persona, short generations; the models are built once and
-cached (``.npcbus/test-model`` and ``.npcbus/bench-npc-pretrained``).
+``--quick`` (CI): 16 cases, two per persona, short generations, and no ``pretrained`` variant
+unless ``--pretrained`` is given (its build takes about 3 minutes more). The models are built once
+and cached (``.npcbus/test-model`` and ``.npcbus/bench-npc-pretrained``).
 """
 
 from __future__ import annotations
@@ -188,8 +191,23 @@ class Progress:
             log(f"  [{self.label}] {self.done}/{self.total} cases, {rate:.2f} cases/s, ETA {eta:.0f} s")
 
 
+def case_params(rec: dict, max_tokens: int, greedy: bool = False) -> dict:
+    """Generation parameters of a case: the NPC request's defaults (what a player gets) with a seed
+    of the case's own (from its persona and player line, so that it is the same in any subset), or
+    greedy decoding."""
+    import zlib
+
+    from npcbus.model import persona_of
+
+    if greedy:
+        return {"max_tokens": max_tokens, "temperature": 0.0}
+    key = f"{persona_of(rec)}\n{rec['request'].get('player_input', '')}"
+    return {"max_tokens": max_tokens, "seed": zlib.crc32(key.encode("utf-8"))}
+
+
 async def collect(model_dir: str, variants: list[Variant], records: list[dict], *, max_tokens: int,
-                  concurrency: int, engine: str = "auto") -> dict[str, list[tuple[dict, object]]]:
+                  concurrency: int, engine: str = "auto", greedy: bool = False
+                  ) -> dict[str, list[tuple[dict, object]]]:
     """Run every case of every variant of one model through the consumer over the bus; returns
     variant name -> [(record, FinalResponse or GenerationError)] in the records' order. One engine
     (and one consumer) serves the model's variants, one variant after the other."""
@@ -234,7 +252,7 @@ async def collect(model_dir: str, variants: list[Variant], records: list[dict], 
 
         async def one(rec: dict, adapter: str | None, progress: Progress):
             req = GenerationRequest(uuid.uuid4().hex, MODEL_ID, mode="npc", npc=rec["request"], adapter=adapter,
-                                    params={"max_tokens": max_tokens, "temperature": 0.0})
+                                    params=case_params(rec, max_tokens, greedy))
             async with sem:
                 result = None
                 async for ev in client.request_stream(client.topology.gen_exchange, MODEL_ID, req, timeout=600):
@@ -301,7 +319,7 @@ def write_replies(path: str | Path, results: dict[str, list[tuple[dict, object]]
 
 
 def measure(records: list[dict], variants: list[Variant], *, max_tokens: int, concurrency: int,
-            engine: str = "auto", embed_threads: int = 2, replies: str | None = None) -> dict:
+            engine: str = "auto", embed_threads: int = 2, replies: str | None = None, greedy: bool = False) -> dict:
     """Every figure of every variant over ``records`` (and of the records' reference responses):
     ``{"variants": {name: npcbus.quality.measure(...) + errors}, "reference": ..., ...}``."""
     from npcbus import quality as Q
@@ -314,7 +332,7 @@ def measure(records: list[dict], variants: list[Variant], *, max_tokens: int, co
         got: dict[str, list] = {}
         for model_dir, vs in by_model.items():
             got.update(await collect(model_dir, vs, records, max_tokens=max_tokens, concurrency=concurrency,
-                                     engine=engine))
+                                     engine=engine, greedy=greedy))
         return got
 
     t0 = time.monotonic()
@@ -378,7 +396,7 @@ def figure_lines(result: dict, **extra) -> list[dict]:
 
 def run(cases_path: str | None = None, *, limit: int | None = None, max_tokens: int = 256, concurrency: int = 16,
         engine: str = "auto", base_model: str | None = None, pretrained: bool = True,
-        replies: str | None = None) -> dict:
+        replies: str | None = None, greedy: bool = False) -> dict:
     """The whole measurement (used by ``python -m bench.npc`` and ``npcbus eval --npc-quality``)."""
     records = read_records(cases_path, limit)
     if not records:
@@ -387,8 +405,9 @@ def run(cases_path: str | None = None, *, limit: int | None = None, max_tokens: 
     log(f"{len(records)} cases from {cases_path or default_cases_path()}, variants: "
         f"{', '.join(v.name for v in variants)}; engine {engine_kind(engine)}, max_tokens {max_tokens}")
     result = measure(records, variants, max_tokens=max_tokens, concurrency=concurrency, engine=engine,
-                     replies=replies)
-    result.update(cases_file=str(cases_path or default_cases_path()), engine=engine_kind(engine), max_tokens=max_tokens)
+                     replies=replies, greedy=greedy)
+    result.update(cases_file=str(cases_path or default_cases_path()), engine=engine_kind(engine), max_tokens=max_tokens,
+                  sampling="greedy" if greedy else "player defaults, seed per case")
     return result
 
 
@@ -408,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="generation length (default 256; --quick 160)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; --quick 8)")
     p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"), help="inference engine")
+    p.add_argument("--pretrained", action="store_true", help="with --quick: also the model before fine-tuning")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the sampling a player gets")
     p.add_argument("--replies", metavar="FILE.jsonl", help="also write every reply (variant, persona, player line, "
                    "response, valid, reference line) here, to read what the player reads")
     args = p.parse_args(argv)
@@ -419,11 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(os.environ.get("LOG_FORMAT", "console"), os.environ.get("LOG_LEVEL", "warning"))
     t0 = time.monotonic()
     result = run(args.cases, limit=limit, max_tokens=max_tokens, concurrency=concurrency, engine=args.engine,
-                 replies=args.replies)
+                 replies=args.replies, greedy=args.greedy, pretrained=args.pretrained or not args.quick)
     log(table(result))
     log(f"generation {result['generation_s']} s, embedding {result['embedding_s']} s, "
         f"total {time.monotonic() - t0:.1f} s")
-    for line in figure_lines(result, engine=result["engine"], max_tokens=max_tokens, quick=args.quick):
+    for line in figure_lines(result, engine=result["engine"], max_tokens=max_tokens, sampling=result["sampling"],
+                             quick=args.quick):
         print(json.dumps(line), flush=True)
     return 0
 

@@ -141,3 +141,15 @@ def test_replies_are_written_to_read(tmp_path):
                        "reply": {"dialogue": "Not until dawn, citizen.", "actions": []}, "valid": True, "error": None,
                        "reference": "The guard says hello to you."}
     assert rows[1]["reply"] is None and rows[1]["error"] == "timeout" and rows[1]["valid"] is False
+
+
+def test_cases_get_the_players_sampling_with_a_seed_of_their_own():
+    a, b = _rec("guard", "Open the gate!"), _rec("guard", "Close the gate!")
+    pa = B.case_params(a, 100)
+    assert pa == {"max_tokens": 100, "seed": pa["seed"]} and isinstance(pa["seed"], int)  # the request's defaults
+    assert B.case_params(a, 100) == pa and B.case_params(b, 100)["seed"] != pa["seed"]
+    assert B.case_params(a, 100, greedy=True) == {"max_tokens": 100, "temperature": 0.0}
+    from workers.infer_worker import sampling_from
+
+    spec = sampling_from(pa, {"temperature": 0.7, "top_p": 0.95, "top_k": 50, "seed": None}, 256)
+    assert (spec.temperature, spec.top_p, spec.top_k, spec.seed, spec.max_tokens) == (0.7, 0.95, 50, pa["seed"], 100)
