@@ -315,6 +315,7 @@ def write_replies(path: str | Path, results: dict[str, list[tuple[dict, object]]
                     "variant": vname, "persona": persona_of(rec), "player": rec["request"].get("player_input"),
                     "reply": (ev.response or {}) if final else None, "valid": ev.valid if final else False,
                     "error": None if final else getattr(ev, "code", "no answer"),
+                    "raw": ev.text if final and not ev.valid else None,
                     "reference": (rec.get("response") or {}).get("dialogue")}, ensure_ascii=False) + "\n")
 
 
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrained", action="store_true", help="with --quick: also the model before fine-tuning")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the sampling a player gets")
     p.add_argument("--replies", metavar="FILE.jsonl", help="also write every reply (variant, persona, player line, "
-                   "response, valid, reference line) here, to read what the player reads")
+                   "response, valid, the raw output of an invalid one, reference line) here, to read what the player reads")
     args = p.parse_args(argv)
     limit = args.limit if args.limit is not None else (16 if args.quick else None)
     max_tokens = args.max_tokens or (160 if args.quick else 256)

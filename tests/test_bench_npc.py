@@ -139,7 +139,7 @@ def test_replies_are_written_to_read(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows[0] == {"variant": "finetuned", "persona": "guard", "player": "Open the gate!",
                        "reply": {"dialogue": "Not until dawn, citizen.", "actions": []}, "valid": True, "error": None,
-                       "reference": "The guard says hello to you."}
+                       "raw": None, "reference": "The guard says hello to you."}
     assert rows[1]["reply"] is None and rows[1]["error"] == "timeout" and rows[1]["valid"] is False
 
 
