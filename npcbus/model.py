@@ -106,7 +106,7 @@ class DefaultModelParams:
     chat_repeat: int = 1
     # supervised fine-tuning on NPC turns (npcbus/data_files/npc_sft.jsonl) rendered exactly as
     # inference renders them; the loss is taken on the response JSON only. 0 steps: no fine-tuning
-    sft_steps: int = 300
+    sft_steps: int = 600
     sft_batch_size: int = 8
     sft_learning_rate: float = 1.5e-3
     sft_warmup_steps: int = 20
