@@ -2,7 +2,7 @@
 # Install what the tests need, make sure RabbitMQ runs, run the whole test suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k bus -x).
 # Tests run in a fixed order; to look for order dependence, shuffle them (pytest-random-order):
-#   scripts/test.sh --random-order-seed=N [--random-order-bucket=global]
+#   scripts/test.sh --random-order-seed=N [--random-order-bucket=global]; or in reverse: --reverse-order
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

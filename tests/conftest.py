@@ -3,6 +3,9 @@
 - ``namespace``: a fresh broker namespace per test; its queues and exchanges are deleted after.
 - ``bus_settings`` / ``bus``: settings and a connected :class:`npcbus.bus.Bus` on that namespace.
 - ``model_dir``: the offline default model, built once and cached under ``.npcbus/test-model``.
+
+``--reverse-order`` runs the tests in reverse; pytest-random-order's ``--random-order-seed=N``
+shuffles them (README, "Tests").
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ def broker_up(host: str = "127.0.0.1", port: int = 5672) -> bool:
         return False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests in reverse order (to look for tests that depend on their order)")
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()
     if broker_up():
         return
     skip = pytest.mark.skip(reason="RabbitMQ is not reachable at 127.0.0.1:5672 (start it: rabbitmq-server -detached)")
