@@ -51,11 +51,9 @@ import sys
 import time
 import uuid
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the figures
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from bench.common import engine_env
+
+engine_env()
 
 MODEL_ID = "npcbus-default"
 PROMPTS = ["The innkeeper said", "Once upon a time", "The old mill by the river", "Traveler, beware of",

@@ -54,13 +54,9 @@ import time
 import uuid
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the figures
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from bench.common import engine_env, parser
 
-from bench.common import parser  # noqa: E402
+engine_env()
 
 MODEL_ID = "npcbus-default"
 ROOT = Path(__file__).resolve().parent.parent
