@@ -728,8 +728,9 @@ def default_test_model_dir() -> Path:
 def ensure_test_model() -> Path:
     """The default model (default parameters) for tests, built once and cached across runs.
 
-    Call it from a session-scoped fixture; the first call builds (about two minutes on two cores),
-    later ones only read the stamp.
+    Call it from a session-scoped fixture, or before the tests (``scripts/test.sh`` does, so that
+    no test's time limit includes the build); the first call builds (about ten minutes on two
+    cores), later ones only read the stamp.
     """
     return ensure_default_model(default_test_model_dir())
 

@@ -14,6 +14,9 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-ge
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+# the offline default model the tests share, built before they start (about ten minutes the first
+# time, with progress; cached in .npcbus/test-model) so that no test's time limit includes the build
+python -c "from npcbus.logs import setup_logging; setup_logging(); from npcbus.model import ensure_test_model; print('[test] model:', ensure_test_model())"
 set +e
 python -m pytest -p no:cacheprovider "$@"
 rc=$?

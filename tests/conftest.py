@@ -139,9 +139,8 @@ async def bus(bus_settings):
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    """The offline default model, built once (cached across runs under .npcbus/test-model)."""
-    from npcbus.model import ensure_default_model
+    """The offline default model, built once (cached across runs under .npcbus/test-model, or
+    ``$NPCBUS_TEST_MODEL_DIR``); ``scripts/test.sh`` builds it before the tests start."""
+    from npcbus.model import ensure_test_model
 
-    path = ROOT / ".npcbus" / "test-model"
-    ensure_default_model(str(path))
-    return str(path)
+    return str(ensure_test_model())
