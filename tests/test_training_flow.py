@@ -420,3 +420,25 @@ async def test_a_training_worker_holds_one_task_at_a_time(bus, bus_settings, tmp
         for w in workers:
             await w.stop()
         await agg.stop()
+
+
+async def test_a_repeated_announcement_changes_nothing_for_a_worker(tmp_path):
+    """The aggregator repeats its announcements (REANNOUNCE_INTERVAL_SEC): a worker takes a repeat
+    as no news (no wake-up of waiters, no log line), a new version or new content as news."""
+    from npcbus.messages import VersionAnnouncement
+    from npcbus.settings import ModelSettings
+    from workers.train_worker import TrainWorker, TrainWorkerSettings
+
+    ms = ModelSettings.from_env({})
+    w = TrainWorker(TrainWorkerSettings.from_env({}, worker_id="t", cache_dir=str(tmp_path / "c")), None, ms,
+                    trainer=_StubTrainer(0.0))
+    ann = VersionAnnouncement(adapter="npc", version=3, base_model=ms.model_id, content_hash="a" * 64)
+    await w._on_announcement(ann, None)
+    first = w._versions_changed
+    await w._on_announcement(ann, None)
+    assert w._versions_changed is first and w.announced["npc"] == (3, "a" * 64)
+    await w._on_announcement(VersionAnnouncement(adapter="npc", version=4, base_model=ms.model_id,
+                                                 content_hash="b" * 64), None)
+    assert w._versions_changed is not first and w.announced["npc"] == (4, "b" * 64)
+    await w._on_announcement(ann, None)  # an older version is no news either
+    assert w.announced["npc"] == (4, "b" * 64)

@@ -223,6 +223,8 @@ class TrainWorker:
         if msg.base_model and msg.base_model != self.model_settings.model_id:
             return None
         old = self.announced.get(msg.adapter)
+        if old == (msg.version, msg.content_hash):  # the aggregator repeats its announcements
+            return None
         if old is None or msg.version >= old[0]:
             self.announced[msg.adapter] = (msg.version, msg.content_hash)
             self._versions_changed.set()
