@@ -84,7 +84,10 @@ class LocalStack:
         with contextlib.suppress(Exception):
             self.sup.stop()
         self.roles.remove()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("NPCBUS_KEEP_STACK_DIR") == "1":  # to read the services' logs after a failure
+            print(f"stack folder kept: {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # addresses -------------------------------------------------------------------------------
     @property

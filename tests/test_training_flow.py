@@ -442,3 +442,31 @@ async def test_a_repeated_announcement_changes_nothing_for_a_worker(tmp_path):
     assert w._versions_changed is not first and w.announced["npc"] == (4, "b" * 64)
     await w._on_announcement(ann, None)  # an older version is no news either
     assert w.announced["npc"] == (4, "b" * 64)
+
+
+async def test_an_idle_worker_subscribes_afresh_and_still_gets_its_task(bus, bus_settings, tmp_path, monkeypatch):
+    """A worker waiting for a task subscribes afresh every RESUBSCRIBE_S (a subscription lost in a
+    connection drop would otherwise leave it idle); a task that comes later still reaches it, and
+    only one subscription is open at a time."""
+    from npcbus.tasks import build_tasks, publish_task_messages
+    from workers.train_worker import TrainWorker
+
+    monkeypatch.setattr(TrainWorker, "RESUBSCRIBE_S", 0.3)
+    agg, (worker,) = await _in_process(bus_settings, tmp_path, 1, num_tasks_per_round=1)
+    try:
+        await asyncio.sleep(1.5)  # several fresh subscriptions
+        tasks_queue = bus.topology.tasks_queue.name
+        assert len([c for c in worker.bus._consumers if c.name == tasks_queue]) == 1
+        task = build_tasks(ADAPTER, examples=[{"text": "hello there"}] * 2, steps=1)[0]
+        await publish_task_messages(bus, [task])
+        end = time.monotonic() + 60
+        while worker.tasks_done < 1 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        assert worker.tasks_done == 1
+        end = time.monotonic() + 30
+        while agg.adapters[ADAPTER].state.version < 1 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        assert agg.adapters[ADAPTER].state.manifest["task_ids"] == [task.task_id]
+    finally:
+        await worker.stop()
+        await agg.stop()

@@ -147,6 +147,9 @@ class TaskResult:
 
 
 class TrainWorker:
+    #: while waiting for a task, subscribe afresh this often (see :meth:`_next_task`)
+    RESUBSCRIBE_S = 30.0
+
     def __init__(self, settings: TrainWorkerSettings, bus_settings=None, model_settings=None, *, bus=None,
                  trainer=None):
         from npcbus.adapter_store import AdapterCache
@@ -264,25 +267,42 @@ class TrainWorker:
 
     # tasks --------------------------------------------------------------------------------------
     async def _next_task(self):
-        """Consume until one task arrives, then stop consuming. Returns (msg, delivery, consumer)."""
+        """Consume until one task arrives, then stop consuming. Returns (msg, delivery, consumer).
+
+        While no task comes, the subscription is made afresh every ``RESUBSCRIBE_S`` seconds: a
+        connection drop can leave a subscription that the robust channel did not restore, and a
+        worker that waits on it would idle while tasks queue up."""
         from npcbus.bus import Defer, Retry
 
-        got: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
 
-        async def handler(msg, d):
-            if got.done():  # not expected with prefetch 1 and an unacked task; hand it back
-                return Retry("worker busy")
-            got.set_result((msg, d))
-            return Defer()
+        def handler_for(got: asyncio.Future):
+            async def handler(msg, d):
+                if got.done():  # not expected with prefetch 1 and an unacked task; hand it back
+                    return Retry("worker busy")
+                got.set_result((msg, d))
+                return Defer()
+            return handler
 
-        c = await self.bus.consume(self.bus.topology.tasks_queue, handler, prefetch=1)
+        stop = asyncio.ensure_future(self._stop.wait())
         try:
-            stop = asyncio.ensure_future(self._stop.wait())
-            done, _ = await asyncio.wait({got, stop}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                # each subscription has its own future: a delivery to a closed one never counts
+                got = loop.create_future()
+                c = await self.bus.consume(self.bus.topology.tasks_queue, handler_for(got), prefetch=1)
+                try:
+                    done, _ = await asyncio.wait({got, stop}, timeout=self.RESUBSCRIBE_S,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    await self._close_consumer(c)
+                    raise
+                if done:
+                    break
+                # nothing came: subscribe afresh (a task that arrives as this channel closes is
+                # unacknowledged on it, so the broker hands it out again)
+                await self._close_consumer(c)
+        finally:
             stop.cancel()
-        except BaseException:
-            await self._close_consumer(c)
-            raise
         # stop deliveries but keep the channel: the task is settled on it
         await c.pause()
         if got not in done:
