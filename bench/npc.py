@@ -84,13 +84,19 @@ def read_records(path: str | Path | None = None, limit: int | None = None) -> li
     """NPC records (``{"request", "response", ...}``); with ``limit``, that many taken in turn
     from each persona (file order within a persona), so that a short run covers every persona."""
     from npcbus.evaluate import read_jsonl
-    from npcbus.model import persona_of
 
     recs = [r for r in read_jsonl(path or default_cases_path()) if isinstance(r.get("request"), dict)]
-    if limit is None or limit >= len(recs):
-        return recs
+    return in_turn(recs, limit)
+
+
+def in_turn(records: list[dict], limit: int | None) -> list[dict]:
+    """At most ``limit`` records, taken in turn from each persona (file order within a persona)."""
+    from npcbus.model import persona_of
+
+    if limit is None or limit >= len(records):
+        return list(records)
     by: dict[str, list[dict]] = {}
-    for r in recs:
+    for r in records:
         by.setdefault(persona_of(r), []).append(r)
     out: list[dict] = []
     while len(out) < limit:
