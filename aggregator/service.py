@@ -375,6 +375,7 @@ class Aggregator:
         self._personas: dict[str, Path] = {}  # persona adapter name -> its trained folder in the default model
         self._eval = None  # (base model, tokenizer, records) for HELDOUT_DATA
         self._tick_task: asyncio.Task | None = None
+        self._reannounce_task: asyncio.Task | None = None
         self._leases_lock = asyncio.Lock()
         self._started_at = 0.0
         self._stopping = False
@@ -429,14 +430,17 @@ class Aggregator:
         await self.bus.consume(topo.deltas_queue, self._on_delta, prefetch=s.prefetch)
         self._started_at = time.time()
         self._tick_task = asyncio.create_task(self._tick_loop())
+        if s.reannounce_interval_s > 0:
+            self._reannounce_task = asyncio.create_task(self._reannounce_loop(), name="reannounce")
         self.log.info("aggregator ready", namespace=self.bus_settings.namespace, deltas_prefetch=s.prefetch)
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._tick_task is not None:
-            self._tick_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._tick_task
+        for task in (self._tick_task, self._reannounce_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.bus is not None and self._own_bus:
             await self.bus.close()
         self.log.info("aggregator stopped")
@@ -570,9 +574,24 @@ class Aggregator:
                                                      hash=st.content_hash[:12], again=again)
         return True
 
-    def _reannounce_due(self, ad: _Adapter, now: float) -> bool:
+    async def _reannounce_loop(self) -> None:
+        """Announce every adapter's current version again every ``REANNOUNCE_INTERVAL_SEC``, apart
+        from the tick loop so that a publish held up by a connection drop never delays the lease
+        checks; each publish is bounded in time (it holds its adapter's lock, so that it never
+        follows a newer version's announcement)."""
         every = self.settings.reannounce_interval_s
-        return ad.announce_pending or (every > 0 and now - ad.announced_at >= every)
+        while not self._stopping:
+            await asyncio.sleep(every)
+            for name, ad in list(self.adapters.items()):
+                if time.monotonic() - ad.announced_at < every:
+                    continue
+                try:
+                    async with ad.lock:  # never after a newer version's announcement
+                        await asyncio.wait_for(self._announce(name), timeout=max(1.0, every / 2))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the next pass tries again
+                    self.log.debug("repeat announcement not sent", adapter=name, error=f"{type(e).__name__}: {e}")
 
     async def _resolve_fetch(self, adapter: str, version: int | None):
         from npcbus.messages import AdapterFetchReply
@@ -847,7 +866,7 @@ class Aggregator:
                             await self._close_round(ad, "timeout")
                         elif decision == "expire":
                             await self._expire_round(ad)
-                        if self._reannounce_due(ad, time.monotonic()):
+                        if ad.announce_pending:
                             await self._announce(ad.state.adapter)
                 # give redelivered deltas a moment after a restart before leases count
                 if time.time() - self._started_at >= 2 * s.tick_interval_s:
