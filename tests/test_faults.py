@@ -160,7 +160,9 @@ async def _settle_and_check(stack: LocalStack, task_ids: list[str], traffic: Tra
     # every confirmed task is applied: ours and the loop's
     end = time.monotonic() + 300
     while True:
-        loop_tasks = {e["task_id"] for e in stack.service_events("loop", "training task published from experience")}
+        # the loop's tasks for this adapter (a shared stack's loop also trained persona adapters)
+        loop_tasks = {e["task_id"] for e in stack.service_events("loop", "training task published from experience",
+                                                                 adapter=ADAPTER)}
         applied = [t for m in stack.manifests() for t in m.get("task_ids", [])]
         missing = (set(task_ids) | loop_tasks) - set(applied)
         if not missing:
@@ -177,8 +179,9 @@ async def _settle_and_check(stack: LocalStack, task_ids: list[str], traffic: Tra
     assert len(applied_deltas) == len(set(applied_deltas)), "a delta was applied twice"
     assert len(applied_tasks) == len(set(applied_tasks)), "a task was applied twice"
     # every delta a worker published (confirmed) was applied or rejected with its reason
-    published = {e["delta_id"] for e in stack.service_events("worker", "delta published")}
-    rejected = {e.get("delta_id"): e.get("reason") for e in stack.service_events("aggregator", "delta rejected")}
+    published = {e["delta_id"] for e in stack.service_events("worker", "delta published", adapter=ADAPTER)}
+    rejected = {e.get("delta_id"): e.get("reason")
+                for e in stack.service_events("aggregator", "delta rejected", adapter=ADAPTER)}
     lost = published - set(applied_deltas) - set(rejected)
     assert not lost, f"deltas neither applied nor rejected: {lost}"
     assert set(rejected.values()) <= {"duplicate", "stale"}, rejected
