@@ -32,15 +32,20 @@ class ModelCatalog:
         self.base_names = {model_id, base_model} - {""}
         self.created = int(time.time())
         self.seen: dict[str, float] = {}  # adapter name -> when a consumer reported it (unix time)
+        # adapter name -> the newest version a consumer reports serving: the listing's version where
+        # this gateway has no manifest (in containers the checkpoints live with the aggregator)
+        self.served: dict[str, int] = {}
         self.manifest = None
         if AdapterManifest is not None:
             path = manifest_path or ManifestSettings.from_env().manifest_path
             self.manifest = AdapterManifest(path)
 
     def note_heartbeat(self, hb: ConsumerHeartbeat) -> None:
-        for name in hb.adapters or {}:
+        for name, version in (hb.adapters or {}).items():
             if isinstance(name, str):
                 self.seen.setdefault(name, time.time())
+                if isinstance(version, int) and not isinstance(version, bool) and version > self.served.get(name, -1):
+                    self.served[name] = version
 
     def _entries(self) -> dict:
         if self.manifest is None:
@@ -95,7 +100,7 @@ class ModelCatalog:
             e = entries.get(name)
             out.append({"id": name, "object": "model", "created": self.created, "owned_by": "npcbus",
                         "base_model": self.base_model, "adapter": name,
-                        "version": e.current_version if e is not None else None,
+                        "version": e.current_version if e is not None else self.served.get(name),
                         "persona_id": (e.persona_id or None) if e is not None else None,
                         "description": e.description if e is not None else ""})
         return out

@@ -68,7 +68,10 @@ def test_services_start_in_order_and_scale():
         s = svcs[name]
         assert s.local == "process" and s.restart == "unless-stopped" and s.healthcheck, name
         assert s.depends_on["rabbitmq"].condition == "service_healthy", name
-        assert s.raw["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert s.raw["image"] == "npcbus:latest" and s.raw["pull_policy"] == "never" and "build" not in s.raw, name
+    # one image for every npcbus service, built once: by broker-init, the first of them to start
+    builders = [n for n, s in svcs.items() if "build" in s.raw and s.raw["build"].get("dockerfile") == "deploy/Dockerfile"]
+    assert builders == ["broker-init"] and svcs["broker-init"].raw["image"] == "npcbus:latest"
     assert svcs["aggregator"].depends_on["model-init"].condition == "service_completed_successfully"
     assert svcs["rabbitmq"].depends_on["broker-init"].condition == "service_completed_successfully"
     assert svcs["gateway"].depends_on["infer"].condition == "service_healthy"
@@ -81,12 +84,16 @@ def test_services_start_in_order_and_scale():
     for name in ("infer-gpu", "worker-gpu"):
         devices = gpu[name].raw["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-        assert gpu[name].raw["build"]["args"]["NPCBUS_VARIANT"] == "gpu"
+        assert gpu[name].raw["image"] == "npcbus-gpu:latest"
+    assert gpu["infer-gpu"].raw["build"]["args"]["NPCBUS_VARIANT"] == "gpu" and "build" not in gpu["worker-gpu"].raw
     assert gpu["infer-gpu"].environment["ENGINE"] == "vllm" and gpu["worker-gpu"].environment["TRAIN_DEVICE"] == "cuda"
     # the CPU default: the offline model, no weights from a hub
     assert svcs["infer"].environment["BASE_MODEL"] == "" and svcs["infer"].environment["HF_HUB_OFFLINE"] == "1"
-    # Open WebUI talks to the gateway's OpenAI-compatible API; Prometheus scrapes every service
-    assert svcs["open-webui"].environment["OPENAI_API_BASE_URL"] == "http://gateway:8080/v1"
+    # Open WebUI (opt-in: the `ui` profile) talks to the gateway's OpenAI-compatible API; Prometheus
+    # scrapes every service
+    assert "open-webui" not in svcs
+    ui = compose.services(COMPOSE, _vars(), profiles=("ui",))
+    assert ui["open-webui"].environment["OPENAI_API_BASE_URL"] == "http://gateway:8080/v1"
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     jobs = {j["job_name"] for j in prom["scrape_configs"]}
     assert {"rabbitmq", "gateway", "aggregator", "loop", "infer", "worker"} <= jobs
@@ -111,7 +118,9 @@ def test_every_command_and_variable_exists_in_the_code():
 
 
 def test_images_run_as_a_non_root_user():
-    for dockerfile in (ROOT / "deploy" / "Dockerfile", ROOT / "deploy" / "rabbitmq" / "Dockerfile"):
+    local_base = sorted((ROOT / "deploy" / "local-base").glob("*.Dockerfile"))
+    assert len(local_base) == 2
+    for dockerfile in (ROOT / "deploy" / "Dockerfile", ROOT / "deploy" / "rabbitmq" / "Dockerfile", *local_base):
         users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.M)
         assert users and users[-1].split(":")[0] not in ("root", "0"), dockerfile
     for name, s in _raw()["services"].items():

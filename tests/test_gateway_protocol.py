@@ -150,6 +150,22 @@ def test_rate_limiter_and_cap():
     assert cap.try_acquire(1) and not cap.try_acquire(1)
 
 
+def test_model_listing_takes_versions_from_consumer_heartbeats(tmp_path):
+    """Without the adapter manifest (a gateway container has no checkpoints volume), /v1/models
+    gives each adapter the newest version an inference consumer reports serving."""
+    from gateway.models import ModelCatalog
+    from npcbus.messages import ConsumerHeartbeat
+
+    cat = ModelCatalog("npcbus-default", "npcbus-default", manifest_path=str(tmp_path / "absent.json"))
+    hb = dict(base_model="npcbus-default", engine="hf", capacity=8, running=0)
+    cat.note_heartbeat(ConsumerHeartbeat(worker_id="a", adapters={"npc": 3, "innkeeper": 0}, **hb))
+    cat.note_heartbeat(ConsumerHeartbeat(worker_id="b", adapters={"npc": 2}, **hb))  # not swapped yet
+    listed = {m["id"]: m["version"] for m in cat.listing()}
+    assert listed == {"npcbus-default": None, "npc": 3, "innkeeper": 0}
+    cat.note_heartbeat(ConsumerHeartbeat(worker_id="b", adapters={"npc": 4}, **hb))
+    assert {m["id"]: m["version"] for m in cat.listing()}["npc"] == 4
+
+
 def test_settings_refuse_open_gateway_by_default():
     with pytest.raises(SettingsError, match="API_TOKEN"):
         GatewaySettings.from_env({})
