@@ -203,7 +203,10 @@ async def test_websocket_chat_of_several_turns(gw, stack):
             assert deltas, final  # the spoken line streamed before the final response
         finals.append(final)
     assert len({f["request_id"] for f in finals}) == 3
-    # each finished turn went out as experience, with the session and the response
+    # each finished turn went out as experience, with the session and the response; the module's other
+    # tests share the stack's namespace and may have left experience of their own in the queue (HTTP
+    # generations, with no session): only this session's turns count, found by their request ids
+    order = [f["request_id"] for f in finals]
     conn = await aio_pika.connect(AMQP_URL)
     try:
         ch = await conn.channel()
@@ -217,9 +220,12 @@ async def test_websocket_chat_of_several_turns(gw, stack):
                 continue
             from npcbus.codec import decode
 
-            got.append(decode(m.body))
+            exp = decode(m.body)
+            if exp.request_id in order:
+                got.append(exp)
     finally:
         await conn.close()
+    got.sort(key=lambda e: order.index(e.request_id))
     assert len(got) == 3 and {e.session_id for e in got} == {started["session_id"]}
     assert got[2].npc["history"][0] == {"role": "player", "text": lines[0]}
     assert got[2].response == finals[2]["response"]
