@@ -108,7 +108,12 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
-MIRROR_PORT=${COMPOSE_TEST_MIRROR_PORT:-38765}  # fixed: the addresses are build arguments, part of the layer cache key
+trap 'exit 143' TERM INT
+# a fixed port: the addresses are build arguments, part of the layer cache key (a free one if taken)
+MIRROR_PORT=${COMPOSE_TEST_MIRROR_PORT:-38765}
+if ! python -c "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$MIRROR_PORT" 2>/dev/null; then
+  MIRROR_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
 eval "$(python - "$MIRROR_PORT" <<'PY'
 import os, shlex, subprocess, sys
 port = sys.argv[1]
