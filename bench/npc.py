@@ -1,7 +1,7 @@
 """NPC quality benchmark: what a player reads, through the real inference consumer.
 
     python -m bench.npc [--quick] [--cases FILE] [--limit N] [--max-tokens N] [--engine auto|vllm|hf]
-                        [--pretrained] [--greedy] [--replies FILE.jsonl]
+                        [--pretrained | --no-pretrained] [--greedy] [--replies FILE.jsonl]
 
 Held-out NPC turns (``npcbus/data_files/npc_heldout.jsonl``: player lines that no training record
 contains) go as ``npc`` generation requests over the RabbitMQ at ``AMQP_URL``, in a throw-away
@@ -24,14 +24,18 @@ Variants, each over the same cases:
   consumer reads a manifest entry's local folder without a fetch over the bus.
 
 With ``BASE_MODEL`` or ``MODEL_DIR`` set, that model is the fine-tuned one; ``pretrained`` is
-built only for the offline default model (it needs its build parameters).
+built only for the offline default model (it needs its build parameters); ``--no-pretrained``
+leaves it out (e.g. ``BASE_MODEL=DIR --no-pretrained`` measures another build of the default model
+as it is).
 
 One JSON line per figure and variant, ``{"bench": "npc.<figure>", "variant": ..., "value",
 "baseline", "ratio", "goal", "met", ...}``. Goals (``goal_on`` says which number they are on):
 well-formed >= 0.95, fallback <= 0.02, distinct >= 0.90, relevance ratio >= 1.2 (against the
 same replies shuffled across cases), persona consistency >= 0.8, action validity 1.0;
-in-vocabulary is reported. Baselines, measured in the same run: the shuffled replies for
-relevance, chance (1 / personas) for persona consistency, and for the other figures the held-out
+in-vocabulary and request match (the reply has the intent of the case's reference and, where it
+acts, the same kind of action) are reported. Baselines, measured in the same run: the shuffled
+replies for relevance, chance (1 / personas) for persona consistency, the same replies judged
+against other cases' references for request match, and for the other figures the held-out
 reference responses of the same cases. ``compared_with`` gives the same figure of the variant that
 this one improves on (fine-tuned against pre-trained, persona adapter against no adapter). A table
 of every variant (and the references) goes to stderr.
@@ -292,10 +296,10 @@ def to_cases(results: list[tuple[dict, object]]) -> tuple[list, int]:
     cases, errors = [], 0
     for rec, ev in results:
         if isinstance(ev, FinalResponse) and isinstance(ev.response, dict):
-            cases.append(case_from_request(rec["request"], ev.response, ev.valid))
+            cases.append(case_from_request(rec["request"], ev.response, ev.valid, rec.get("response")))
         else:
             errors += 1
-            cases.append(case_from_request(rec["request"], {"dialogue": "", "actions": []}, False))
+            cases.append(case_from_request(rec["request"], {"dialogue": "", "actions": []}, False, rec.get("response")))
     return cases, errors
 
 
@@ -350,7 +354,8 @@ def measure(records: list[dict], variants: list[Variant], *, max_tokens: int, co
     for v in variants:
         cases, errors = to_cases(results[v.name])
         reports[v.name] = {**Q.measure(cases, embedder, vocab), "errors": errors}
-    ref_cases = [Q.case_from_request(r["request"], r["response"], True) for r in records if "response" in r]
+    ref_cases = [Q.case_from_request(r["request"], r["response"], True, r["response"]) for r in records
+                 if "response" in r]
     reference = Q.measure(ref_cases, embedder, vocab) if ref_cases else None
     personas = len({c.persona_id for c in ref_cases}) or None
     return {"variants": reports, "reference": reference, "personas": personas, "generation_s": round(gen_s, 1),
@@ -361,6 +366,8 @@ def measure(records: list[dict], variants: list[Variant], *, max_tokens: int, co
 def baseline_of(name: str, report: dict, result: dict) -> tuple[float | None, str]:
     if name == "relevance":
         return report["relevance"].get("baseline"), "the same replies shuffled across cases"
+    if name == "request_match":
+        return report["request_match"].get("baseline"), "the same replies judged against other cases' references"
     if name == "persona_consistency":
         n = result.get("personas")
         return (1.0 / n if n else None), "chance (1 / personas)"
@@ -431,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; --quick 8)")
     p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"), help="inference engine")
     p.add_argument("--pretrained", action="store_true", help="with --quick: also the model before fine-tuning")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="without the model before fine-tuning (e.g. to measure another build: BASE_MODEL=DIR)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the sampling a player gets")
     p.add_argument("--replies", metavar="FILE.jsonl", help="also write every reply (variant, persona, player line, "
                    "response, valid, the raw output of an invalid one, reference line) here, to read what the player reads")
@@ -443,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(os.environ.get("LOG_FORMAT", "console"), os.environ.get("LOG_LEVEL", "warning"))
     t0 = time.monotonic()
     result = run(args.cases, limit=limit, max_tokens=max_tokens, concurrency=concurrency, engine=args.engine,
-                 replies=args.replies, greedy=args.greedy, pretrained=args.pretrained or not args.quick)
+                 replies=args.replies, greedy=args.greedy, pretrained=(args.pretrained or not args.quick) and not args.no_pretrained)
     log(table(result))
     log(f"generation {result['generation_s']} s, embedding {result['embedding_s']} s, "
         f"total {time.monotonic() - t0:.1f} s")

@@ -56,6 +56,7 @@ GOALS: dict[str, tuple[str, str]] = {
     "relevance": (">=1.2", "ratio"),
     "persona_consistency": (">=0.8", "value"),
     "action_validity": (">=1.0", "value"),
+    "request_match": ("report", "value"),
 }
 FIGURES = tuple(GOALS)
 
@@ -73,6 +74,7 @@ class Case:
     valid: bool
     allowed_actions: tuple[str, ...] = ()
     allowed_targets: tuple[str, ...] = ()
+    reference: dict | None = None  # what the data's writer answered in this case, where known
 
     @property
     def dialogue(self) -> str:
@@ -90,14 +92,16 @@ def persona_text(persona: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
-def case_from_request(request: Any, response: dict, valid: bool) -> Case:
-    """A :class:`Case` from an NPC request (raw or validated) and its final response."""
+def case_from_request(request: Any, response: dict, valid: bool, reference: dict | None = None) -> Case:
+    """A :class:`Case` from an NPC request (raw or validated), its final response and, where known,
+    the reference response written for it."""
     from npcbus.npc import action_targets, validate_request
 
     req = validate_request(request)
     persona = req["persona"]
     return Case(persona["id"], persona_text(persona), req["player_input"], dict(response or {}), bool(valid),
-                tuple(persona.get("allowed_actions", [])), tuple(action_targets(req)))
+                tuple(persona.get("allowed_actions", [])), tuple(action_targets(req)),
+                dict(reference) if isinstance(reference, dict) else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +186,33 @@ def action_validity(cases: Sequence[Case]) -> float:
     return _share(ok) if ok else 1.0
 
 
+def _does_what_was_asked(response: dict, valid: bool, reference: dict) -> bool:
+    """The reply takes the reference's intent and, where the reference acts, one of its action types."""
+    if not valid or not isinstance(response, dict):
+        return False
+    if response.get("intent") != reference.get("intent"):
+        return False
+    wanted = {a.get("type") for a in reference.get("actions") or [] if isinstance(a, dict)}
+    done = {a.get("type") for a in response.get("actions") or [] if isinstance(a, dict)}
+    return not wanted or bool(wanted & done)
+
+
+def request_match(cases: Sequence[Case], seed: int = 0) -> dict[str, float | None]:
+    """Does the NPC do what the player asked? ``value``: the share of valid replies with the intent
+    of the case's reference response and, where that response acts (rents a room, gives
+    directions), an action of the same type; ``baseline``: the same replies judged against the
+    references of other cases (:func:`derangement`: what agreement by chance gives); ``ratio``.
+    Only cases with a reference count; None with fewer than 2."""
+    ref = [c for c in cases if c.reference is not None]
+    if len(ref) < 2:
+        return {"value": None, "baseline": None, "ratio": None}
+    value = sum(_does_what_was_asked(c.response, c.valid, c.reference) for c in ref) / len(ref)
+    perm = derangement(len(ref), seed)
+    baseline = sum(_does_what_was_asked(c.response, c.valid, ref[j].reference)
+                   for c, j in zip(ref, perm, strict=True)) / len(ref)
+    return {"value": value, "baseline": baseline, "ratio": value / baseline if baseline > 0 else None}
+
+
 # --------------------------------------------------------------------------------------------
 # embedding figures
 # --------------------------------------------------------------------------------------------
@@ -248,6 +279,7 @@ def measure(cases: Sequence[Case], embed: Embed, vocabulary: frozenset[str] | se
         "relevance": rel,
         "persona_consistency": {"value": persona_consistency(cases, embed)},
         "action_validity": {"value": action_validity(cases)},
+        "request_match": request_match(cases, seed),
     }
     out["cases"] = len(cases)
     return out

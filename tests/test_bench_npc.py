@@ -65,7 +65,8 @@ def _report(well_formed: float, relevance_ratio: float) -> dict:
     return {"well_formed": {"value": well_formed}, "fallback": {"value": 0.0}, "distinct": {"value": 1.0},
             "in_vocabulary": {"value": 0.9},
             "relevance": {"value": 0.3, "baseline": 0.3 / relevance_ratio, "ratio": relevance_ratio},
-            "persona_consistency": {"value": 0.5}, "action_validity": {"value": 1.0}, "cases": 10, "errors": 0}
+            "persona_consistency": {"value": 0.5}, "action_validity": {"value": 1.0},
+            "request_match": {"value": 0.6, "baseline": 0.2, "ratio": 3.0}, "cases": 10, "errors": 0}
 
 
 def test_figure_lines_carry_goal_baseline_and_the_variant_improved_on():
@@ -86,6 +87,8 @@ def test_figure_lines_carry_goal_baseline_and_the_variant_improved_on():
     assert rel["compared_with"] == {"variant": "pretrained", "ratio": 0.9}
     pc = by[("finetuned", "npc.persona_consistency")]
     assert pc["baseline"] == 0.25 and pc["ratio"] == 2.0 and pc["met"] is False
+    rm = by[("finetuned", "npc.request_match")]
+    assert rm["baseline"] == 0.2 and rm["ratio"] == 3.0 and rm["met"] is None and "other cases" in rm["baseline_is"]
     for x in lines:  # every line is one JSON object with the documented keys
         assert {"bench", "value", "baseline", "ratio", "goal", "met"} <= set(json.loads(json.dumps(x)))
 

@@ -99,6 +99,33 @@ def test_case_from_request_reads_the_persona():
     assert {"", "Corin", "harbor"} <= set(c.allowed_targets)
 
 
+def test_request_match_counts_replies_that_do_what_was_asked():
+    room = {"intent": "trade", "actions": [{"type": "rent_room", "target": "room_3"}]}
+    hello = {"intent": "greet", "actions": []}
+
+    def turn(intent, actions, reference, valid=True):
+        c = case(actions=actions, valid=valid)
+        return Q.Case(c.persona_id, c.persona_description, c.player_line, {**c.response, "intent": intent}, valid,
+                      c.allowed_actions, c.allowed_targets, reference)
+
+    cases = [
+        turn("trade", [{"type": "rent_room", "target": "room_3"}], room),   # does it
+        turn("trade", [], room),                                             # right intent, no room rented
+        turn("greet", [], hello),                                            # does it (no action asked)
+        turn("greet", [], hello, valid=False),                               # the player got the fallback
+        turn("inform", [{"type": "give_directions", "target": "mill"}], hello),  # answers something else
+    ]
+    got = Q.request_match(cases, seed=0)
+    assert got["value"] == pytest.approx(2 / 5)
+    perm = Q.derangement(5, 0)
+    expected = sum(Q._does_what_was_asked(c.response, c.valid, cases[j].reference)
+                   for c, j in zip(cases, perm, strict=True)) / 5
+    assert got["baseline"] == pytest.approx(expected)
+    assert got["baseline"] < got["value"]
+    # cases without a reference do not count
+    assert Q.request_match([case(), case()]) == {"value": None, "baseline": None, "ratio": None}
+
+
 def test_derangement_is_fixed_by_its_seed_and_moves_everything():
     for n in (2, 3, 10, 57):
         p = Q.derangement(n, seed=7)

@@ -9,7 +9,8 @@ Writes, next to this file:
 - ``npc_sft.jsonl``: the same kind of turns, 320 per persona, with multi-turn histories and lines that
   mention the scene: the fine-tuning set of the offline default model and of the persona adapters;
 - ``npc_heldout.jsonl``: held-out cases (``situation`` added) whose player lines no other file contains
-  (``HELDOUT_INPUTS``), for ``bench.npc``;
+  (``HELDOUT_INPUTS``, and ``TRADE_HELDOUT``: one request for each service of each persona), for
+  ``bench.npc``;
 - ``npc_alignment.jsonl``: unsafe player inputs with the expected in-character refusal, by audience,
   and the same input for the audiences where the rails relax (``label`` ``refuse`` or ``allow``,
   ``category`` the unsafe category).
@@ -193,6 +194,25 @@ SCENE_TAILS = {
     "thanks": ["Any time, {player}."],
 }
 FESTIVAL_TAIL = "And only {days} days to the festival!"
+
+# One request for each service of each persona (an entry of LINES[pid]["trade"]) in words that no
+# training record holds: bench.npc's trade cases, what a player most often asks a shopkeeper.
+TRADE_HELDOUT: dict[str, list[str]] = {
+    "innkeeper": ["Is there a bed I could rent for tonight?", "What can I get to eat around here?",
+                  "What would you pour a thirsty traveller?"],
+    "blacksmith": ["Could you mend this sword of mine?", "What weapons can I buy from you?",
+                   "Are you buying iron ore today?"],
+    "guard": ["Would you open the gate for me?", "Someone just took my purse, help!",
+              "That thief there, arrest him please!"],
+    "merchant": ["What goods do you have today?", "Could you go a bit lower on the price?",
+                 "Would you pay me for an old ring?"],
+    "healer": ["Could you heal these wounds of mine?", "I fear I've been poisoned, can you help?",
+               "Could I buy a healing potion?"],
+    "bard": ["Would you play a song for me?", "Could you tell me an old legend?", "Would you join me on my travels?"],
+    "farmer": ["Could I buy some of your turnips?", "May I have a cup of milk?", "Could you use some help today?"],
+    "wizard": ["Could you tell me what this amulet is?", "Could you teleport me to the harbor?",
+               "Could I buy a spell scroll from you?"],
+}
 
 # A response: (line, emotion, intent, [(action, target)], relationship_change, end_conversation).
 # Lines may use {player}, {place}, {directions}, {Directions}, {weather}, {Weather}, {time}. Neither double quotes nor
@@ -879,8 +899,12 @@ def _fill(req: dict, place: str = "") -> dict:
             "Weather": WEATHER[weather].capitalize(), "time": req["context"]["time_of_day"]}
 
 
-def _candidates(pid: str, inputs: dict[str, list[str]] = SHARED_INPUTS, *, trade: bool = True) -> list[tuple]:
-    """(situation, player_input, response spec, extra) for a persona; extra holds place, quest state, min audience."""
+def _candidates(pid: str, inputs: dict[str, list[str]] = SHARED_INPUTS, *, trade: bool = True,
+                trade_inputs: dict[str, list[str]] | None = None) -> list[tuple]:
+    """(situation, player_input, response spec, extra) for a persona; extra holds place, quest state, min audience.
+
+    ``trade``: also the persona's services and its quest update; ``trade_inputs`` instead: only the
+    services, each asked with its phrasing there (one per trade entry)."""
     lines = LINES[pid]
     out = []
     for situation, texts in inputs.items():
@@ -891,12 +915,15 @@ def _candidates(pid: str, inputs: dict[str, list[str]] = SHARED_INPUTS, *, trade
                         out.append((situation, text.format(place=place), spec, {"place": place}))
                 else:
                     out.append((situation, text, spec, {}))
-    if trade:
-        for entry in lines["trade"]:
+    if trade or trade_inputs:
+        for i, entry in enumerate(lines["trade"]):
             texts, spec = entry[0], entry[1]
             extra = {"min_audience": entry[2]} if len(entry) > 2 else {}
+            if trade_inputs is not None:
+                texts = [trade_inputs[pid][i]]
             for text in texts:
                 out.append(("trade", text, spec, extra))
+    if trade:
         texts, quest_state, spec = lines["quest_update"]
         for text in texts:
             out.append(("quest_update", text, spec, {"quest_state": quest_state}))
@@ -1009,6 +1036,13 @@ def build_heldout(rng: random.Random, per_persona: int = HELDOUT_PER_PERSONA) ->
         chosen = [group[0] for group in by_situation.values()]
         chosen += [c for c in cands if c not in chosen][: max(0, per_persona - len(chosen))]
         for candidate in chosen[:per_persona]:
+            audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
+            rec = _turn(rng, pid, candidate, audience, history_p=0.4, vary=True)
+            records.append({**rec, "situation": candidate[0]})
+    # then every service each persona offers, asked in words no training record holds (after the
+    # others, which stay as they were before these were added)
+    for pid in PERSONAS:
+        for candidate in _candidates(pid, {}, trade=False, trade_inputs=TRADE_HELDOUT):
             audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
             rec = _turn(rng, pid, candidate, audience, history_p=0.4, vary=True)
             records.append({**rec, "situation": candidate[0]})
