@@ -85,6 +85,16 @@ class Stack:
                 total += float(m.group(2))
         return total
 
+    def metric_by_container(self, cids: list[str], name: str) -> dict[str, float]:
+        return {c: self.container_metric(c, name) for c in cids}
+
+    def each_took_part(self, cids: list[str], name: str, before: dict[str, float], what: str) -> dict[str, int]:
+        """How much ``name`` grew in each container since ``before``; fails unless it grew in every one."""
+        grown = {c[:12]: int(v - before[c]) for c, v in self.metric_by_container(cids, name).items()}
+        if not all(v > 0 for v in grown.values()):
+            raise CheckFailed(f"not every container took part: {what} per container {grown}")
+        return grown
+
     # HTTP -----------------------------------------------------------------------------------
     async def get_json(self, http: aiohttp.ClientSession, url: str, auth: bool = True) -> tuple[int, dict]:
         async with http.get(url, headers=self.auth if auth else {}) as r:
@@ -258,27 +268,21 @@ async def check_scaled(stack: Stack, http) -> None:
         await asyncio.sleep(2)
     log("scaled to 2 inference consumers and 2 training workers; Prometheus scrapes all four")
 
-    before = {c: stack.container_metric(c, "npcbus_infer_requests_total") for c in infer}
+    before = stack.metric_by_container(infer, "npcbus_infer_requests_total")
     results = []
     for _ in range(3):
         results += await stack.generate_batch(http, 12)
-    after = {c: stack.container_metric(c, "npcbus_infer_requests_total") for c in infer}
-    took = {c[:12]: int(after[c] - before[c]) for c in infer}
-    if not all(v > 0 for v in took.values()):
-        raise CheckFailed(f"not every inference consumer took work: requests answered per container {took}")
+    took = stack.each_took_part(infer, "npcbus_infer_requests_total", before, "generation requests")
     log(f"ok: both inference consumers took work: {took} of {len(results)} generations")
     stack.figure("infer_requests_per_consumer", took)
 
-    wbefore = {c: stack.container_metric(c, "npcbus_worker_tasks_total") for c in workers}
+    wbefore = stack.metric_by_container(workers, "npcbus_worker_tasks_total")
     t0 = time.monotonic()
     version = (await stack.models(http))["npc"]["version"]
     await stack.publish_tasks(4, steps=8)
     await stack.wait_served_version(http, version, timeout=600)
     stack.figure("scaled_tasks_to_served_version_s", round(time.monotonic() - t0, 1))
-    wafter = {c: stack.container_metric(c, "npcbus_worker_tasks_total") for c in workers}
-    trained = {c[:12]: int(wafter[c] - wbefore[c]) for c in workers}
-    if not all(v > 0 for v in trained.values()):
-        raise CheckFailed(f"not every training worker took a task: tasks per container {trained}")
+    trained = stack.each_took_part(workers, "npcbus_worker_tasks_total", wbefore, "training tasks")
     log(f"ok: both training workers took tasks: {trained}")
     stack.figure("worker_tasks_per_worker", trained)
 
@@ -308,13 +312,10 @@ async def check_broker_restart(stack: Stack, http) -> None:
             raise CheckFailed("the gateway does not hear every inference consumer after the broker restart")
         await asyncio.sleep(2)
     consumers_back = round(time.monotonic() - t0, 1)
-    before = {c: stack.container_metric(c, "npcbus_infer_requests_total") for c in infer}
+    before = stack.metric_by_container(infer, "npcbus_infer_requests_total")
     await stack.generate_batch(http, 12)
     await stack.generate_batch(http, 12)
-    after = {c: stack.container_metric(c, "npcbus_infer_requests_total") for c in infer}
-    took = {c[:12]: int(after[c] - before[c]) for c in infer}
-    if not all(v > 0 for v in took.values()):
-        raise CheckFailed(f"after the restart not every inference consumer takes work: {took}")
+    took = stack.each_took_part(infer, "npcbus_infer_requests_total", before, "generation requests after the restart")
     log(f"ok: after the restart every inference consumer takes work again: {took}")
     version = await check_training(stack, http, figure="broker_restart_task_to_served_version_s")
     log(f"ok: training works after the restart (version {version})")
