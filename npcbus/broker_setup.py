@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from npcbus.settings import Settings, SettingsError, env_field
+from npcbus.settings import Settings, SettingsError, env_field, resolve_gen_queue_type
 from npcbus.topology import Topology, model_route_key
 
 ROLES = ("gateway", "infer", "train", "aggregator")
@@ -94,6 +94,13 @@ class BrokerSetupSettings(Settings):
     namespace: str = env_field("NPCBUS_NAMESPACE", "npcbus", "Prefix of every exchange and queue name.")
     base_model: str = env_field("BASE_MODEL", "", "Base model: its generation queue is declared in the definitions.")
     with_admin: bool = env_field("AMQP_ADMIN_USER", True, "Define an administrator user (management UI) too.")
+    gen_queue_type: str = env_field(
+        "GEN_QUEUE_TYPE", "auto",
+        "Type of the generation queues: `classic` (one broker), `quorum` (a cluster: replicated, survives a node's loss) "
+        "or `auto` (quorum when AMQP_URL lists several nodes). Every service of a deployment must agree.",
+        check=lambda s: s in ("auto", "classic", "quorum"), check_msg="must be auto, classic or quorum")
+    amqp_url: str = env_field("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/",
+                              "RabbitMQ URL (user, password, host, vhost); for a cluster, a comma-separated list of the nodes' URLs.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,7 +141,7 @@ def role_permissions(namespace: str) -> dict[str, Permission]:
 
     per_process = {k: n(k) + r"\..+" for k in ("reply", "events", "cancel", "versions", "gen")}
     tasks, deltas, leases = n("train.tasks"), n("train.deltas"), n("train.leases")
-    experience, fetch_q = n("experience.pending"), n("fetch.adapter")
+    experience, fetch_q = n("experience.pending"), n("fetch.requests")
     x = {k: e(getattr(t, k)) for k in ("train_exchange", "versions_exchange", "fetch_exchange", "gen_exchange",
                                         "cancel_exchange", "events_exchange", "experience_exchange",
                                         "replies_exchange", "dlx")}
@@ -203,7 +210,8 @@ def user_name(prefix: str, role: str) -> str:
 
 
 def definitions(namespace: str, vhost: str, passwords: dict[str, str], *, user_prefix: str = "npcbus-",
-                base_model: str | None = None, with_admin: bool = True, topology: bool = True) -> dict:
+                base_model: str | None = None, with_admin: bool = True, topology: bool = True,
+                gen_queue_type: str = "classic") -> dict:
     """The definitions document: vhost, a user per role (+ admin), permissions, policies, and (with
     ``topology``) the exchanges, shared queues and their bindings, declared exactly as the services
     declare them."""
@@ -231,7 +239,7 @@ def definitions(namespace: str, vhost: str, passwords: dict[str, str], *, user_p
         "policies": [{"vhost": vhost, **p} for p in policies(namespace)],
     }
     if topology:
-        t = Topology(namespace)
+        t = Topology(namespace, gen_queue_type=gen_queue_type)
         doc["exchanges"] = [{"name": x.name, "vhost": vhost, "type": x.type, "durable": x.durable,
                              "auto_delete": False, "internal": False, "arguments": {}} for x in t.exchanges()]
         queues = list(t.shared_queues())
@@ -349,7 +357,8 @@ def run(args) -> int:
         remove(s.vhost, [user_name(s.user_prefix, r) for r in (*ROLES, ADMIN)])
         return 0
     doc = definitions(s.namespace, s.vhost, passwords_from_env(with_admin=s.with_admin), user_prefix=s.user_prefix,
-                      base_model=s.base_model, with_admin=s.with_admin)
+                      base_model=s.base_model, with_admin=s.with_admin,
+                      gen_queue_type=resolve_gen_queue_type(s.gen_queue_type, s.amqp_url))
     if args.action == "definitions":
         text = json.dumps(doc, indent=2)
         if args.out == "-":

@@ -289,14 +289,95 @@ def _groups(items: list, max_items: int, max_bytes: int):
         yield group
 
 
+class FailoverConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection over several broker URLs (the nodes of a cluster).
+
+    aio-pika reconnects to the one URL it was given; when that node is gone for good, a service
+    would wait for it forever. This connection moves on: the attempt after a lost connection, and
+    after every failed attempt, goes to the next URL of the list (round robin). Everything else,
+    restoring channels, queues and consumers on the new connection, is aio-pika's.
+
+    The hook: aio-pika's reconnect loop clears ``transport`` right before each attempt and
+    connects to ``self.url``; both are properties here. :func:`failover_connect` makes the first
+    connection, trying each URL once.
+    """
+
+    def __init__(self, url, loop=None, *, urls: list[str] | None = None, start: int = 0, **kwargs):
+        from yarl import URL
+
+        self._urls = [URL(u) for u in (urls or [str(url)])]
+        self._index = start % len(self._urls)
+        self._advance = False  # the next attempt goes to the next URL
+        self._transport = None
+        self.failovers = 0
+        super().__init__(url, loop=loop, **kwargs)
+
+    @property
+    def url(self):
+        return self._urls[self._index]
+
+    @url.setter
+    def url(self, value) -> None:
+        from yarl import URL
+
+        self._urls[self._index] = URL(value)
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @transport.setter
+    def transport(self, value) -> None:
+        if value is None and not getattr(self, "_close_called", True) \
+                and not getattr(self, "_close_in_progress", False):
+            # a connection attempt starts (the reconnect loop clears the transport first)
+            if self._advance and len(self._urls) > 1:
+                self._index = (self._index + 1) % len(self._urls)
+                self.failovers += 1
+            self._advance = True  # until this attempt succeeds
+        self._transport = value
+
+    async def _on_connected(self) -> None:
+        await super()._on_connected()
+        self._advance = False
+
+    async def _on_connection_close(self, closing) -> None:
+        self._advance = True
+        await super()._on_connection_close(closing)
+
+
+async def failover_connect(urls: list[str], *, timeout: float, **kwargs) -> FailoverConnection:
+    """The first connection over ``urls``: each tried once, in order; the first that answers wins
+    (the others are kept for failover). Raises the last error when none answers."""
+    errors: list[str] = []
+    for i, url in enumerate(urls):
+        conn = FailoverConnection(url, urls=urls, start=i, **kwargs)
+        try:
+            await conn.connect(timeout=timeout)
+            return conn
+        except (ConnectionError, OSError, TimeoutError, aiormq.exceptions.AMQPError) as e:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            errors.append(f"{_mask(url)}: {type(e).__name__}: {e}")
+            if i == len(urls) - 1:
+                raise ConnectionError("no broker answered: " + "; ".join(errors)) from e
+    raise ConnectionError("no broker URL given")
+
+
+def _mask(url: str) -> str:
+    from npcbus.settings import _mask_url_password
+
+    return _mask_url_password(url)
+
+
 class Bus:
-    """An npcbus client on one robust connection."""
+    """An npcbus client on one robust connection (over the nodes of a cluster where AMQP_URL lists several)."""
 
     def __init__(self, settings: BusSettings | None = None, *, name: str = "npcbus",
                  client_id: str | None = None, max_payload_bytes: int = 1 << 30,
                  chunk_timeout_s: float = 120.0, publish_timeout_s: float = 30.0):
         self.settings = settings or BusSettings.from_env()
-        self.topology = Topology(self.settings.namespace)
+        self.topology = Topology(self.settings.namespace, gen_queue_type=self.settings.effective_gen_queue_type)
         self.name = name
         self.client_id = client_id or new_id()[:12]
         self.settings_max_payload = max_payload_bytes
@@ -311,7 +392,7 @@ class Bus:
         self._reply_lock = asyncio.Lock()
         self._pending: dict[str, asyncio.Queue] = {}
         self._reply_assembler = Assembler(max_payload_bytes=max_payload_bytes, timeout_s=chunk_timeout_s)
-        self.user = unquote(urlparse(self.settings.amqp_url).username or "guest")
+        self.user = unquote(urlparse(self.settings.amqp_urls[0]).username or "guest")
         self._closed = False
         self.reconnects = 0
         self._connected_evt = asyncio.Event()
@@ -335,9 +416,9 @@ class Bus:
     async def connect(self, timeout: float = 30.0) -> Bus:
         if self._conn is not None:
             return self
-        url = self.settings.amqp_url
-        self._conn = await aio_pika.connect_robust(
-            url, timeout=timeout, heartbeat=self.settings.heartbeat_s,
+        self._conn = await failover_connect(
+            self.settings.amqp_urls, timeout=timeout, heartbeat=self.settings.heartbeat_s,
+            reconnect_interval=self.settings.reconnect_s,
             client_properties={"connection_name": f"{self.name}:{self.client_id}"},
         )
         self._conn.reconnect_callbacks.add(self._on_reconnect)
@@ -345,7 +426,8 @@ class Bus:
         self._pub = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         self._connected_evt.set()
         metrics.BUS_CONNECTED.labels(self.name).set(1)
-        log.info("bus connected", client=self.name, client_id=self.client_id, namespace=self.settings.namespace)
+        log.info("bus connected", client=self.name, client_id=self.client_id, namespace=self.settings.namespace,
+                 broker=self.broker_url)
         return self
 
     def _on_close(self, *_args) -> None:
@@ -354,6 +436,11 @@ class Bus:
             metrics.BUS_CONNECTED.labels(self.name).set(0)
             log.warning("bus connection lost; reconnecting", client=self.name)
 
+    @property
+    def broker_url(self) -> str:
+        """The URL (password masked) of the broker node this bus is connected to now."""
+        return _mask(str(self._conn.url)) if self._conn is not None else ""
+
     def _on_reconnect(self, *_args) -> None:
         self.reconnects += 1
         self._connected_evt.set()
@@ -361,7 +448,7 @@ class Bus:
         # pieces held from the old channel can no longer be settled; the broker redelivers them
         for c in self._consumers:
             c.assembler.drop_tokens(lambda m: getattr(m, "channel", None) is None or m.channel.is_closed)
-        log.info("bus reconnected", client=self.name, reconnects=self.reconnects)
+        log.info("bus reconnected", client=self.name, reconnects=self.reconnects, broker=self.broker_url)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         self._require()

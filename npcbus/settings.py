@@ -176,6 +176,29 @@ def _nonneg(x: Any) -> bool:
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
+def split_amqp_urls(value: str) -> list[str]:
+    """The URLs of an ``AMQP_URL`` value: one URL, or several separated by commas (a cluster's nodes)."""
+    return [u.strip() for u in value.split(",") if u.strip()]
+
+
+def resolve_gen_queue_type(value: str, amqp_url: str) -> str:
+    """``GEN_QUEUE_TYPE``: ``auto`` is quorum for a cluster (several URLs in ``AMQP_URL``), else classic."""
+    if value == "auto":
+        return "quorum" if len(split_amqp_urls(amqp_url)) > 1 else "classic"
+    return value
+
+
+def _amqp_urls_ok(value: str) -> bool:
+    from urllib.parse import urlparse
+
+    urls = split_amqp_urls(value)
+    if not urls or not all(u.startswith(("amqp://", "amqps://")) for u in urls):
+        return False
+    # every message carries the connection's user id (checked by the broker), and a failover must
+    # land in the same vhost: the nodes of one list differ only in host, port and scheme
+    return len({(urlparse(u).username, urlparse(u).path.strip("/")) for u in urls}) == 1
+
+
 @dataclass
 class BusSettings(Settings):
     """Broker connection; shared by every service."""
@@ -183,10 +206,19 @@ class BusSettings(Settings):
     title: ClassVar[str] = "all"
 
     amqp_url: str = env_field(
-        "AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", "RabbitMQ URL (user, password, host, vhost).",
-        check=lambda u: u.startswith(("amqp://", "amqps://")), check_msg="must start with amqp:// or amqps://",
+        "AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/",
+        "RabbitMQ URL (user, password, host, vhost); for a cluster, a comma-separated list of the nodes' URLs "
+        "(same user and vhost): a service connects to the first that answers and, when its node goes, to the next.",
+        check=lambda u: _amqp_urls_ok(u), check_msg="must be amqp:// or amqps:// URLs, comma-separated, all with the same user and vhost",
         secret=False,
     )
+    gen_queue_type: str = env_field(
+        "GEN_QUEUE_TYPE", "auto",
+        "Type of the generation queues: `classic` (one broker), `quorum` (a cluster: replicated, survives a node's loss) "
+        "or `auto` (quorum when AMQP_URL lists several nodes). Every service of a deployment must agree.",
+        check=lambda s: s in ("auto", "classic", "quorum"), check_msg="must be auto, classic or quorum")
+    reconnect_s: float = env_field("AMQP_RECONNECT_S", 1.0, "Pause between attempts to reconnect to the broker (each attempt tries the next URL of AMQP_URL).",
+                                   check=_positive, check_msg="must be > 0")
     namespace: str = env_field(
         "NPCBUS_NAMESPACE", "npcbus", "Prefix of every exchange and queue name; lets deployments and test runs share a broker.",
         check=lambda s: bool(s) and all(c.isalnum() or c in "-_." for c in s),
@@ -209,6 +241,15 @@ class BusSettings(Settings):
                                   check=_nonneg, check_msg="must be >= 0")
     metrics_host: str = env_field("METRICS_HOST", "127.0.0.1",
                                   "Address the /metrics endpoint of workers and the aggregator listens on (`0.0.0.0` in containers).")
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker URLs to try, in order (``AMQP_URL`` may list a cluster's nodes)."""
+        return split_amqp_urls(self.amqp_url)
+
+    @property
+    def effective_gen_queue_type(self) -> str:
+        return resolve_gen_queue_type(self.gen_queue_type, self.amqp_url)
 
 
 @dataclass

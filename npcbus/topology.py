@@ -11,7 +11,7 @@ exchange                    type      purpose
 ``NS.train``                direct    ``task`` -> ``NS.train.tasks``; ``delta`` -> ``NS.train.deltas``;
                                       ``accepted`` -> ``NS.train.leases``
 ``NS.versions``             fanout    version announcements; each listener binds its own queue
-``NS.fetch``                direct    ``adapter`` -> ``NS.fetch.adapter`` (adapter weight fetches)
+``NS.fetch``                direct    ``adapter`` -> ``NS.fetch.requests`` (adapter weight fetches)
 ``NS.gen``                  direct    ``<model id>`` -> ``NS.gen.<model id>`` (generation requests)
 ``NS.cancel``               fanout    cancel messages; every inference consumer listens
 ``NS.events``               fanout    consumer heartbeats (the gateway's health uses them)
@@ -19,11 +19,21 @@ exchange                    type      purpose
 ``NS.dlx``                  topic     dead letters of every queue -> ``NS.dead``
 ==========================  ========  ==========================================================
 
-Work that must not be lost (tasks, deltas, leases, experience) sits in durable quorum queues with
-a delivery limit and the dead-letter exchange. Generation requests sit in classic queues with a
-maximum length and ``reject-publish`` overflow, so that a full queue answers the publisher at once
-(a negative confirm) and the gateway can say "overloaded". Replies go through the default exchange
-to one exclusive queue per requesting process.
+Work that must not be lost (tasks, deltas, leases, experience, adapter fetches) sits in durable
+quorum queues with a delivery limit and the dead-letter exchange; on a cluster they are replicated
+on every node (RabbitMQ's default group size for a quorum queue is all of the cluster's members).
+
+Generation requests sit in one queue per base model with a maximum length and ``reject-publish``
+overflow, so that a full queue answers the publisher at once (a negative confirm) and the gateway
+can say "overloaded", and a per-message expiry from the request's deadline. On one broker it is a
+classic queue (the lowest latency; nothing to replicate to). On a cluster it is a quorum queue
+(``GEN_QUEUE_TYPE``; ``auto`` picks quorum when ``AMQP_URL`` lists several nodes): a classic
+queue lives on one node, and when that node dies its consumers are cancelled and every publish is
+returned unroutable until the node is back (a durable one cannot even be declared again
+elsewhere), so every turn in that window would fail; a quorum queue elects a new leader, keeps the
+queued requests, and redelivers those whose consumer died. It costs about 2 ms more per request
+(measured on this machine's three-node cluster: 4.2 against 1.9 ms for a round trip), small beside
+a generation. Replies go through ``NS.replies`` to one exclusive queue per requesting process.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from typing import Any
 
 DELIVERY_LIMIT = 5
 GEN_QUEUE_MAX_LENGTH = 1000
+GEN_QUEUE_TYPES = ("classic", "quorum")
 
 RK_TASK = "task"
 RK_DELTA = "delta"
@@ -91,10 +102,13 @@ class Topology:
     """Names and arguments of every exchange and queue under one namespace."""
 
     def __init__(self, namespace: str, *, delivery_limit: int = DELIVERY_LIMIT,
-                 gen_max_length: int = GEN_QUEUE_MAX_LENGTH):
+                 gen_max_length: int = GEN_QUEUE_MAX_LENGTH, gen_queue_type: str = "classic"):
+        if gen_queue_type not in GEN_QUEUE_TYPES:
+            raise ValueError(f"gen_queue_type must be one of {GEN_QUEUE_TYPES}, not {gen_queue_type!r}")
         self.ns = namespace
         self.delivery_limit = delivery_limit
         self.gen_max_length = gen_max_length
+        self.gen_queue_type = gen_queue_type
 
     def name(self, suffix: str) -> str:
         return f"{self.ns}.{suffix}"
@@ -184,29 +198,30 @@ class Topology:
 
     @property
     def fetch_queue(self) -> QueueSpec:
-        return QueueSpec(
-            self.name("fetch.adapter"),
-            arguments={"x-queue-type": "classic", "x-dead-letter-exchange": self.dlx,
-                       "x-dead-letter-routing-key": "fetch.adapter"},
-            bindings=((self.fetch_exchange, RK_FETCH),),
-        )
+        # a quorum queue like the other work queues (it was the classic ``NS.fetch.adapter`` before
+        # the cluster work; a queue's type cannot change, so the replicated one has a new name)
+        return self._quorum("fetch.requests", ((self.fetch_exchange, RK_FETCH),))
 
     @property
     def dead_queue(self) -> QueueSpec:
         return QueueSpec(self.name("dead"), arguments={"x-queue-type": "quorum"}, bindings=((self.dlx, "#"),))
 
     def gen_queue(self, model_id: str) -> QueueSpec:
-        return QueueSpec(
-            self.name(f"gen.{model_id}"),
-            arguments={
-                "x-queue-type": "classic",
-                "x-max-length": self.gen_max_length,
-                "x-overflow": "reject-publish",
-                "x-dead-letter-exchange": self.dlx,
-                "x-dead-letter-routing-key": f"gen.{model_id}",
-            },
-            bindings=((self.gen_exchange, model_id),),
-        )
+        """The generation requests of one base model: classic (one broker; the lowest latency) or
+        quorum (a cluster: replicated, so that a node's loss loses no queued request and the
+        consumers on the other nodes keep consuming). See :data:`GEN_QUEUE_TYPES`."""
+        args: dict[str, Any] = {
+            "x-queue-type": self.gen_queue_type,
+            "x-max-length": self.gen_max_length,
+            "x-overflow": "reject-publish",
+            "x-dead-letter-exchange": self.dlx,
+            "x-dead-letter-routing-key": f"gen.{model_id}",
+        }
+        if self.gen_queue_type == "quorum":
+            # a request whose consumer died is delivered again (its stream restarts); a request
+            # that kills consumers is dead-lettered after a few tries instead of going round forever
+            args["x-delivery-limit"] = self.delivery_limit
+        return QueueSpec(self.name(f"gen.{model_id}"), arguments=args, bindings=((self.gen_exchange, model_id),))
 
     def reply_queue(self, client_id: str) -> QueueSpec:
         name = self.name(f"reply.{client_id}")
