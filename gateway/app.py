@@ -10,14 +10,16 @@ Routes (every one but ``/health`` and the playground's static files needs
 ``POST /v1/completions``           OpenAI-compatible text completions
 ``GET  /v1/models``                the base model and the adapters (``model`` selects one)
 ``GET  /v1/personas``              the shipped NPC personas
-``GET  /health``                   broker connection, recent inference consumers (open)
+``GET  /health``                   broker connection, recent inference consumers, session store (open)
 ``GET  /metrics``                  Prometheus metrics
 ``GET  /``                         the web playground (static files, open)
 =================================  ===============================================================
 
 ``create_app(settings, bus=None)`` builds the application; without a bus it connects its own in a
 cleanup context. Either way it declares the exchanges it publishes to, listens to consumer
-heartbeats and sweeps detached sessions in background tasks tied to the app's lifetime.
+heartbeats and sweeps detached sessions in background tasks tied to the app's lifetime. WebSocket
+sessions live in the session store that ``SESSION_STORE_URL`` names (this process's memory by
+default; Redis to let any gateway of the namespace resume them: :mod:`gateway.sessions`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .auth import TokenChecker, auth_middleware, cors_middleware, error_middlewa
 from .core import Gateway
 from .keys import GATEWAY, SETTINGS
 from .models import ModelCatalog
+from .sessions import make_store
 from .settings import GatewaySettings
 
 __all__ = ["GatewaySettings", "create_app", "add_arguments", "run", "GATEWAY", "SETTINGS"]
@@ -69,6 +72,21 @@ async def _bus_ctx(app: web.Application):
         if own:
             await bus.close()
             gw.bus = None
+
+
+async def _store_ctx(app: web.Application):
+    """The session store: checked at start (a store that is down is reported, not fatal: /health
+    shows it and session.start answers a retryable error), closed after every socket is gone."""
+    store = app[GATEWAY].store
+    state = await store.health()
+    if state.get("ok"):
+        log.info("session store", **state)
+    else:
+        log.warning("session store unreachable at start; sessions cannot start until it is back", **state)
+    try:
+        yield
+    finally:
+        await store.close()
 
 
 async def _sweeper_ctx(app: web.Application):
@@ -105,12 +123,15 @@ def create_app(settings: GatewaySettings | None = None, bus: Bus | None = None, 
     model = model or ModelSettings.from_env()
     gw = Gateway(settings=settings, model=model, bus=bus)
     gw.adapters = ModelCatalog(gw.model_id, gw.base_model, manifest_path)
+    namespace = bus.settings.namespace if bus is not None else BusSettings.from_env().namespace
+    gw.store = make_store(settings, namespace)
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[cors_middleware, error_middleware, auth_middleware(TokenChecker(settings.api_tokens))],
     )
     app[GATEWAY] = gw
     app[SETTINGS] = settings
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_bus_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
     app.on_shutdown.append(_on_shutdown)

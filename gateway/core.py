@@ -104,9 +104,10 @@ class Gateway:
     consumers: dict[str, ConsumerInfo] = field(default_factory=dict)
     last_answer: float | None = None  # monotonic time of the last reply from a consumer
     started: float = field(default_factory=time.monotonic)
-    sessions: dict[str, Any] = field(default_factory=dict)       # session id -> gateway.ws.Session
+    sessions: dict[str, Any] = field(default_factory=dict)       # session id -> gateway.ws.Session attached here
     connections: set[Any] = field(default_factory=set)           # open gateway.ws.Connection objects
     adapters: Any = None                                         # gateway.models.ModelCatalog
+    store: Any = None                                            # gateway.sessions.SessionStore (sessions between sockets)
     _background: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:

@@ -159,7 +159,8 @@ async def health(request: web.Request) -> web.Response:
     now = time.monotonic()
     live = gw.live_consumers()
     recent = gw.consumer_recent()
-    status = "ok" if connected and recent else ("degraded" if connected else "down")
+    store = await gw.store.health() if gw.store is not None else {"kind": "none", "ok": False}
+    status = "ok" if connected and recent and store["ok"] else ("degraded" if connected else "down")
     body = {
         "status": status,
         "broker": {"connected": connected, "reconnects": bus.reconnects if bus is not None else 0},
@@ -173,6 +174,7 @@ async def health(request: web.Request) -> web.Response:
         },
         "model": gw.model_id,
         "sessions": len(gw.connections),
+        "session_store": store,
         "in_flight": gw.cap.in_flight,
         "uptime_s": round(now - gw.started, 3),
     }

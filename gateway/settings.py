@@ -70,6 +70,22 @@ class GatewaySettings(Settings):
         "SESSION_RESUME_S", 300.0, "How long a WebSocket session outlives its socket, so that a client that reconnects can "
         "resume it (`session.start` with `resume`); 0: sessions end with their socket.", check=_nonneg,
         check_msg="must be >= 0")
+    session_store_url: str = env_field(
+        "SESSION_STORE_URL", "", "Where WebSocket sessions are kept between sockets. Empty: in this gateway's memory (a "
+        "session resumes only on the gateway that started it); `redis://host:port/db` (or `rediss://`, TLS): in Redis, "
+        "shared by every gateway on the namespace, so that a session resumes on any of them (README, \"Several "
+        "gateways\").", check=lambda u: u == "" or u.startswith(("redis://", "rediss://", "unix://")),
+        check_msg="must be empty or start with redis://, rediss:// or unix://")
+    session_store_password: str = env_field(
+        "SESSION_STORE_PASSWORD", "", "Password of the session store (Redis AUTH), used when SESSION_STORE_URL carries "
+        "none.", secret=True)
+    session_lease_s: float = env_field(
+        "SESSION_LEASE_S", 15.0, "With a shared session store: how long a gateway's hold on an attached session lasts "
+        "unless renewed (every third of it); a crashed gateway's sessions become resumable elsewhere after this.",
+        check=lambda x: x >= 0.3, check_msg="must be >= 0.3")
+    session_max_bytes: int = env_field(
+        "SESSION_MAX_BYTES", 1 << 20, "Largest stored session (bytes) in a shared session store; above it the oldest "
+        "remembered turns are dropped from the stored copy.", check=lambda n: n >= 4096, check_msg="must be >= 4096")
     history_turns: int = env_field("HISTORY_TURNS", 10, "Earlier turns (player line + NPC line) a session keeps and sends with each prompt.",
                                    check=lambda n: 0 <= n <= 10, check_msg="must be between 0 and 10 (20 history lines)")
     turn_cache: int = env_field("TURN_CACHE", 16, "Finished turns a session remembers, so that a retried turn id is answered without running it again.",

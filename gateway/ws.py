@@ -5,6 +5,13 @@ The protocol is specified by ``schemas/ws_protocol.schema.json`` and described i
 for ``SESSION_RESUME_S`` so that a client that reconnects can resume it (its history and its
 finished turn ids, so a retried turn is answered from memory instead of running twice).
 
+Sessions live in a :class:`gateway.sessions.SessionStore`: this gateway's memory by default, or
+Redis (``SESSION_STORE_URL``), where any gateway of the namespace can resume them. The live state
+of an attached session is the :class:`Session` object of the socket that holds it; every change is
+written to the store by its :class:`gateway.sessions.SessionSync` (a turn's ``turn.final`` goes to
+the player while the write runs, never after it). The socket holds the session's lease in the
+store, renewed by :func:`sweep_sessions`, so that exactly one socket, on any gateway, holds it.
+
 Turns of a session run one at a time, in order (each prompt carries the history of the turns
 before it); each turn runs as its own task so that the socket keeps reading (cancel, ping,
 context updates) while it streams. Cancelling a turn, ending the session or losing the socket
@@ -41,6 +48,15 @@ from .protocol import (
     context_errors,
     dumps,
     parse_frame,
+)
+from .sessions import (
+    RatedTurn,
+    SessionInUse,
+    SessionRecord,
+    SessionSync,
+    SessionUnknown,
+    StoreUnavailable,
+    new_holder,
 )
 
 log = get_logger("npcbus.gateway.ws")
@@ -80,15 +96,41 @@ class Session:
     generation: dict
     history: deque
     done: OrderedDict = field(default_factory=OrderedDict)   # turn id -> its turn.final event
-    rated: OrderedDict = field(default_factory=OrderedDict)  # turn id -> [npc request, final, feedback given]
+    rated: OrderedDict = field(default_factory=OrderedDict)  # turn id -> RatedTurn (npc request, final, given)
+    created: float = field(default_factory=time.time)
     active: dict = field(default_factory=dict)              # turn id -> Turn (queued or running)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     conn: Connection | None = None
-    detached_at: float | None = None  # monotonic
+    sync: SessionSync | None = None                         # writes it to the store while attached
 
     @property
     def persona_id(self) -> str:
         return self.persona["id"]
+
+    # the stored copy -------------------------------------------------------------------------
+    def to_record(self) -> SessionRecord:
+        """A snapshot for the store (new containers: later changes do not reach it)."""
+        return SessionRecord(
+            id=self.id, owner=self.owner, persona=self.persona, player=self.player, audience=self.audience,
+            context=self.context, adapter=self.adapter, safe_mode=self.safe_mode, generation=self.generation,
+            history=list(self.history), done=dict(self.done),
+            rated={tid: RatedTurn(r.npc, r.final, r.given) for tid, r in self.rated.items()}, created=self.created)
+
+    @classmethod
+    def from_record(cls, rec: SessionRecord, *, history_lines: int) -> Session:
+        """The live session of a stored one; ``history_lines``: this gateway's history bound."""
+        keep = history_lines
+        return cls(
+            id=rec.id, owner=rec.owner, persona=rec.persona, player=rec.player, audience=rec.audience,
+            context=rec.context, adapter=rec.adapter, safe_mode=rec.safe_mode, generation=dict(rec.generation),
+            history=deque(rec.history[-keep:] if keep else [], maxlen=keep), done=OrderedDict(rec.done),
+            rated=OrderedDict((tid, RatedTurn(r.npc, r.final, r.given)) for tid, r in rec.rated.items()),
+            created=rec.created)
+
+    def changed(self) -> None:
+        """The state changed: write it to the store (at once in memory, else in the background)."""
+        if self.sync is not None:
+            self.sync.changed()
 
     async def send(self, event: dict) -> bool:
         conn = self.conn
@@ -113,7 +155,7 @@ class Session:
             self.done.popitem(last=False)
 
     def remember_for_feedback(self, turn_id: str, npc: dict, final: FinalResponse, limit: int) -> None:
-        self.rated[turn_id] = [npc, final, False]
+        self.rated[turn_id] = RatedTurn(npc, final, False)
         while len(self.rated) > limit:
             self.rated.popitem(last=False)
 
@@ -133,6 +175,7 @@ class Connection:
         self.gw = gw
         self.ws = ws
         self.client_key = client_key
+        self.holder = new_holder()  # this socket's id as a session lease holder
         self.session: Session | None = None
         self.closing = False
 
@@ -225,6 +268,7 @@ class Connection:
                 raise ProtocolError("invalid_message", f"context.update: the merged context: {problem[1]}",
                                     field=f"context.{problem[0]}".rstrip("."))
             sess.context = merged
+            sess.changed()
             await self.send({"type": "context.updated", "context": merged})
         elif mtype == "session.end":
             for tid in sess.cancel_turns():
@@ -232,6 +276,12 @@ class Connection:
             self.gw.sessions.pop(sess.id, None)
             sess.conn = None
             self.session = None
+            if sess.sync is not None:
+                await sess.sync.close()
+            try:
+                await self.gw.store.delete(sess.id, self.holder)
+            except StoreUnavailable as e:  # it expires on its own (SESSION_LEASE_S + SESSION_RESUME_S)
+                log.warning("ended session not deleted from the store", session_id=sess.id, error=str(e))
             await self.send({"type": "session.ended", "session_id": sess.id})
             await self.close(CLOSE_NORMAL, "session ended")
             return False
@@ -242,12 +292,18 @@ class Connection:
         gw = self.gw
         s = gw.settings
         if "resume" in msg:
-            sess = gw.sessions.get(msg["resume"])
-            if sess is None or sess.owner != self.client_key:
-                raise ProtocolError("unknown_session", "no such session (it may have expired)", field="resume")
-            if sess.conn is not None:
+            try:
+                rec = await gw.store.claim(msg["resume"], self.client_key, self.holder)
+            except SessionUnknown:
+                raise ProtocolError("unknown_session", "no such session (it may have expired)",
+                                    field="resume") from None
+            except SessionInUse:
                 raise ProtocolError("session_in_use", "another socket holds this session", field="resume",
-                                    retryable=True)
+                                    retryable=True) from None
+            except StoreUnavailable as e:
+                await self.store_unavailable(e, msg["resume"])
+                return
+            sess = Session.from_record(rec, history_lines=2 * s.history_turns)
             resumed = True
         else:
             probe = {k: msg[k] for k in ("persona", "persona_id", "player", "audience", "context", "adapter",
@@ -280,10 +336,15 @@ class Connection:
                 generation=dict(msg.get("generation") or {}),
                 history=deque(req["history"][-keep:] if keep else [], maxlen=keep),
             )
-            gw.sessions[sess.id] = sess
+            try:
+                await gw.store.create(sess.to_record(), self.holder)
+            except (StoreUnavailable, SessionInUse) as e:
+                await self.store_unavailable(e, sess.id)
+                return
             resumed = False
+        gw.sessions[sess.id] = sess
         sess.conn = self
-        sess.detached_at = None
+        sess.sync = SessionSync(gw.store, self.holder, sess.to_record, self.lost_session)
         self.session = sess
         await self.send({
             "type": "session.started", "session_id": sess.id, "resumed": resumed, "persona_id": sess.persona_id,
@@ -295,19 +356,47 @@ class Connection:
         log.info("session started", session_id=sess.id, persona=sess.persona_id, adapter=sess.adapter,
                  resumed=resumed)
 
-    def detach(self) -> None:
-        """The socket is gone: abort its turns; keep the session for a while for resume."""
+    async def store_unavailable(self, err: Exception, session_id: str) -> None:
+        """session.start could not reach the session store: a retryable error; the socket stays open."""
+        log.warning("session store unavailable at session.start", session_id=session_id, error=str(err))
+        await self.send({"type": "error", "code": "unavailable", "retryable": True, "retry_after_ms": 1000,
+                         "message": "the session store is unreachable, so no session can start or resume on this "
+                                    "gateway now; retry shortly (this socket stays open)"})
+
+    def lost_session(self) -> None:
+        """The store says another socket holds this session now (after this gateway lost touch with
+        the store for longer than the lease): give it up and close."""
+        sess = self.session
+        if sess is None or self.closing:
+            return
+        log.warning("session lease lost; closing the socket", session_id=sess.id)
+        self.session = None
+        sess.cancel_turns()
+        sess.conn = None
+        if sess.sync is not None:
+            sess.sync.closed = True
+        self.gw.sessions.pop(sess.id, None)
+        self.gw.spawn(self.fail(ProtocolError("session_in_use", "another socket took over this session")),
+                      name=f"lost-{sess.id}")
+
+    async def detach(self) -> None:
+        """The socket is gone: abort its turns; write the session and give its lease back, so that it
+        can be resumed (here or on another gateway) for SESSION_RESUME_S."""
         sess = self.session
         self.session = None
         if sess is None:
             return
         aborted = sess.cancel_turns()
         sess.conn = None
-        sess.detached_at = time.monotonic()
-        if self.gw.settings.session_resume_s <= 0:
-            self.gw.sessions.pop(sess.id, None)
+        self.gw.sessions.pop(sess.id, None)
         if aborted:
             log.info("socket lost; turns aborted", session_id=sess.id, turns=aborted)
+        if sess.sync is not None:
+            await sess.sync.close()
+        try:
+            await self.gw.store.release(sess.to_record(), self.holder)
+        except StoreUnavailable as e:  # the lease runs out on its own; the last written state stays resumable
+            log.warning("session not released in the store", session_id=sess.id, error=str(e))
 
     # turns -----------------------------------------------------------------------------------
     async def on_turn(self, sess: Session, msg: dict) -> None:
@@ -353,19 +442,20 @@ class Connection:
         entry = sess.rated.get(tid)
         if entry is None:
             raise ProtocolError("unknown_turn", f"turn {tid!r} is not a finished turn of this session", turn_id=tid)
-        npc, final, given = entry
-        if given:
+        npc, final = entry.npc, entry.final
+        if entry.given:
             raise ProtocolError("duplicate_feedback", f"turn {tid!r} already has feedback", turn_id=tid)
         thumbs = msg.get("thumbs", "")
         score = float(msg["score"]) if "score" in msg else (1.0 if thumbs == "up" else -1.0)
         exp = gw.experience(npc=npc, final=final, session_id=sess.id, player_id=sess.player.get("id", ""),
                             turn_id=tid, score=score, thumbs=thumbs)
-        entry[2] = True
+        entry.given = True
         try:
             await gw.publish_feedback(exp)
         except GatewayError as e:
-            entry[2] = False
+            entry.given = False
             raise ProtocolError(e.code, e.message, turn_id=tid, retryable=e.retryable) from None
+        sess.changed()
         await self.send({"type": "turn.feedback.accepted", "turn_id": tid, "score": score,
                          "experience_id": exp.experience_id, "adapter": final.adapter,
                          "adapter_version": final.adapter_version})
@@ -385,6 +475,7 @@ class Connection:
                         raise GatewayError("invalid_request", f"the merged context: {problem[1]}", status=400,
                                            field=f"context.{problem[0]}".rstrip("."))
                     sess.context = merged
+                    sess.changed()
                 npc = sess.npc_request(msg["text"], msg.get("generation"))
                 timeout_ms = msg.get("timeout_ms")
                 timeout = gw.timeout_for(timeout_ms / 1000 if timeout_ms else None)
@@ -429,6 +520,8 @@ class Connection:
                                       turn_id=tid)
                 if gw.settings.publish_experience:
                     sess.remember_for_feedback(tid, npc, final, gw.settings.turn_cache)
+                # the store write starts now and runs beside the send: the final never waits for it
+                sess.changed()
                 await sess.send(event)
                 log.info("turn done", session_id=sess.id, turn_id=tid, request_id=turn.request_id,
                          adapter=final.adapter, version=final.adapter_version, total_ms=event["timings"]["total_ms"])
@@ -486,8 +579,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         log.exception("websocket failed")
         await conn.fail(ProtocolError("internal", "the gateway failed", retryable=True))
     finally:
-        conn.detach()
-        gw.connections.discard(conn)
+        try:
+            await conn.detach()
+        finally:
+            gw.connections.discard(conn)
         WS_SESSIONS.set(len(gw.connections))
         if not ws.closed:
             await conn.close(CLOSE_NORMAL)
@@ -500,20 +595,43 @@ async def close_all(gw: Gateway) -> None:
         await conn.close(CLOSE_GOING_AWAY, "server shutdown")
 
 
-async def sweep_sessions(gw: Gateway, interval: float = 5.0) -> None:
-    """Forget detached sessions after SESSION_RESUME_S (and the oldest ones beyond the session cap)."""
+async def sweep_sessions(gw: Gateway, interval: float | None = None) -> None:
+    """Keep the store in order: forget detached sessions after SESSION_RESUME_S (the memory store;
+    Redis expires them itself), renew the leases of this gateway's attached sessions (every third of
+    SESSION_LEASE_S, at most every 5 s), retry writes that failed, and give up sessions whose lease
+    another socket has taken."""
+    store = gw.store
+    every = interval if interval is not None else min(5.0, store.lease_s / 3)
+    failing = False
     while True:
-        await asyncio.sleep(interval)
-        now = time.monotonic()
-        ttl = gw.settings.session_resume_s
-        detached = [(sess.detached_at, sid) for sid, sess in gw.sessions.items() if sess.conn is None]
-        for at, sid in detached:
-            if at is None or now - at > ttl:
-                gw.sessions.pop(sid, None)
-        over = len(gw.sessions) - 2 * gw.settings.max_ws_sessions
-        if over > 0:
-            for _at, sid in sorted((a or 0, sid) for a, sid in detached if sid in gw.sessions)[:over]:
-                gw.sessions.pop(sid, None)
+        await asyncio.sleep(every)
+        try:
+            await store.sweep()
+            held = [(sid, sess.conn.holder) for sid, sess in list(gw.sessions.items()) if sess.conn is not None]
+            trouble = await store.refresh(held)
+        except StoreUnavailable as e:
+            if not failing:
+                log.warning("session store unreachable; leases not renewed", error=str(e), sessions=len(gw.sessions))
+            failing = True
+            continue
+        except Exception:  # noqa: BLE001 - the sweeper must keep running
+            log.exception("session sweep failed")
+            continue
+        if failing:
+            log.info("session store reachable again", sessions=len(gw.sessions))
+            failing = False
+        holders = dict(held)
+        for sid, sess in list(gw.sessions.items()):
+            if sess.conn is None or sess.conn.holder != holders.get(sid):
+                continue  # attached since the refresh began: next time
+            what = trouble.get(sid)
+            if what == "lost":
+                sess.conn.lost_session()
+            elif sess.sync is not None:
+                if what == "missing":
+                    sess.sync.changed()
+                else:
+                    sess.sync.retry()
 
 
 __all__ = ["Connection", "Session", "close_all", "merge_context", "sweep_sessions", "ws_handler"]
