@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npcbus import metrics
-from npcbus.bus import Bus, BusError, BusNotConnected, BusTimeout, Delivery, Overloaded, Unroutable
+from npcbus.bus import Bus, BusConnectionLost, BusError, BusNotConnected, BusTimeout, Delivery, Overloaded, Unroutable
 from npcbus.logs import get_logger
 from npcbus.messages import (
     Cancel,
@@ -243,6 +243,10 @@ class Gateway:
             outcome = "unavailable"
             raise GatewayError("unavailable", "the broker connection is closed; retry shortly", status=503,
                                retryable=True, retry_after_s=2.0) from None
+        except BusConnectionLost:
+            outcome = "unavailable"
+            raise GatewayError("unavailable", "the broker connection was lost during the generation; retry", status=503,
+                               retryable=True, retry_after_s=1.0) from None
         except BusError as e:
             outcome = "unavailable"
             raise GatewayError("unavailable", f"the broker did not take the request: {e}", status=503,

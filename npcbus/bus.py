@@ -67,6 +67,14 @@ class BusNotConnected(BusError):
     """The bus was used before connect() or after close()."""
 
 
+class BusConnectionLost(BusError):
+    """The connection to the broker was lost while a request waited for its replies: the reply
+    queue (exclusive to the connection) went with it, so the replies cannot all arrive. Retry."""
+
+
+_LOST = object()  # put into every waiting request's queue when the connection goes
+
+
 class BusTimeout(BusError, TimeoutError):
     """A request's deadline passed before its reply stream ended."""
 
@@ -434,7 +442,11 @@ class Bus:
         if not self._closed:
             self._connected_evt.clear()
             metrics.BUS_CONNECTED.labels(self.name).set(0)
-            log.warning("bus connection lost; reconnecting", client=self.name)
+            # the reply queue is exclusive to the lost connection: replies sent meanwhile are gone,
+            # so every request still waiting ends now (BusConnectionLost) instead of at its deadline
+            for q in self._pending.values():
+                q.put_nowait(_LOST)
+            log.warning("bus connection lost; reconnecting", client=self.name, waiting_requests=len(self._pending))
 
     @property
     def broker_url(self) -> str:
@@ -892,6 +904,8 @@ class Bus:
                         raise BusTimeout(f"no complete reply before the deadline (correlation id {cid})") from None
                 if item is None:
                     raise BusNotConnected("the bus was closed")
+                if item is _LOST:
+                    raise BusConnectionLost(f"the broker connection was lost during the request (correlation id {cid})")
                 seq = getattr(item, "seq", None)
                 if seq is None:
                     yield item
@@ -937,6 +951,8 @@ class Bus:
                 item = q.get_nowait()
             if item is None:
                 raise BusNotConnected("the bus was closed")
+            if item is _LOST:
+                raise BusConnectionLost(f"the broker connection was lost during the request (correlation id {cid})")
             return item
         finally:
             self._pending.pop(cid, None)

@@ -21,12 +21,17 @@ class BrokerRoles:
     doc: dict = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 5672
+    more_ports: tuple[int, ...] = ()  # the other nodes of a cluster (same host)
 
     def user(self, role: str) -> str:
         return bs.user_name(self.prefix, role)
 
-    def url(self, role: str) -> str:
-        return f"amqp://{self.user(role)}:{self.passwords[role]}@{self.host}:{self.port}/{self.vhost}"
+    def url(self, role: str, rotate: int = 0) -> str:
+        """The role's AMQP_URL: one URL, or on a cluster every node's, starting at node ``rotate``."""
+        ports = [self.port, *self.more_ports]
+        k = rotate % len(ports)
+        return ",".join(f"amqp://{self.user(role)}:{self.passwords[role]}@{self.host}:{p}/{self.vhost}"
+                        for p in ports[k:] + ports[:k])
 
     def env(self) -> dict[str, str]:
         """The variables compose.yaml interpolates for the broker: the same names, test values."""
@@ -46,10 +51,11 @@ class BrokerRoles:
                 return
 
 
-def new_roles(namespace: str = "npcbus") -> BrokerRoles:
+def new_roles(namespace: str = "npcbus", *, port: int = 5672, more_ports: tuple[int, ...] = ()) -> BrokerRoles:
     tag = uuid.uuid4().hex[:10]
     return BrokerRoles(vhost=f"npcbus-test-{tag}", prefix=f"t{tag}-", namespace=namespace,
-                       passwords={r: uuid.uuid4().hex for r in (*bs.ROLES, bs.ADMIN)})
+                       passwords={r: uuid.uuid4().hex for r in (*bs.ROLES, bs.ADMIN)}, port=port,
+                       more_ports=more_ports)
 
 
 @contextlib.contextmanager

@@ -144,3 +144,21 @@ def model_dir() -> str:
     from npcbus.model import ensure_test_model
 
     return str(ensure_test_model())
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The local three-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh), started on first use and
+    stopped at the end of the session (kept with NPCBUS_KEEP_CLUSTER=1)."""
+    from . import cluster_util
+
+    why = cluster_util.unavailable()
+    if why:
+        pytest.skip(why)
+    c = cluster_util.Cluster.start()
+    try:
+        yield c
+    finally:
+        if os.environ.get("NPCBUS_KEEP_CLUSTER") != "1":
+            c.stop()
+

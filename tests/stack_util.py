@@ -55,8 +55,9 @@ def stack_variables(roles: BrokerRoles, **extra) -> dict[str, str]:
 
 
 class LocalStack:
-    def __init__(self, model_dir: str, *, replicas: dict[str, int] | None = None, **variables):
-        self.roles = new_roles()
+    def __init__(self, model_dir: str, *, replicas: dict[str, int] | None = None, roles: BrokerRoles | None = None,
+                 **variables):
+        self.roles = roles or new_roles()
         self.dir = Path(tempfile.mkdtemp(prefix="npcbus-stack-"))
         self.port = compose.free_port()
         self.variables = stack_variables(self.roles, **variables)
