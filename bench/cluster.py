@@ -79,7 +79,7 @@ async def run(n: int) -> None:
                 if i >= 20:  # warm-up
                     rtt[qtype].append((time.perf_counter() - t0) * 1000)
     finally:
-        for req, resp, spec, _m in pairs.values():
+        for req, resp, _spec, _m in pairs.values():
             await req.close()
             await resp.close()
         cleanup = Bus(BusSettings.from_env({"AMQP_URL": ",".join(urls), "NPCBUS_NAMESPACE": ns}), name="cleanup")
