@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tuning steps on NPC turns (default: the default model's; 0: none)")
     parser.add_argument("--persona-steps", type=int, default=None,
                         help="training steps of each persona adapter (default: the default model's; 0: none)")
+    parser.add_argument("--hidden-size", type=int, default=None,
+                        help="model width (default 256); heads of 64 (vLLM's CPU attention needs head size >= 64)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer layers (default 4)")
     parser.add_argument("--force", action="store_true", help="rebuild even if DIR holds a matching build")
 
 
@@ -40,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     if any(v is not None and v < 0 for v in (args.steps, args.sft_steps, args.persona_steps)):
         print("npcbus model init: --steps, --sft-steps and --persona-steps must be >= 0")
         return 2
+    if args.hidden_size is not None and (args.hidden_size < 64 or args.hidden_size % 64):
+        print("npcbus model init: --hidden-size must be a multiple of 64 (heads of 64)")
+        return 2
+    if args.layers is not None and args.layers < 1:
+        print("npcbus model init: --layers must be >= 1")
+        return 2
 
     from npcbus import model as M
 
@@ -48,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     for arg, name in (("steps", "train_steps"), ("sft_steps", "sft_steps"), ("persona_steps", "persona_steps")):
         if getattr(args, arg) is not None:
             params[name] = getattr(args, arg)
+    if args.hidden_size is not None:
+        # heads of 64; the feed-forward width in the default's proportion (688 for 256), a multiple of 16
+        heads = args.hidden_size // 64
+        params.update(hidden_size=args.hidden_size, num_heads=heads, num_kv_heads=heads,
+                      intermediate_size=16 * round(args.hidden_size * 688 / 256 / 16))
+    if args.layers is not None:
+        params["num_layers"] = args.layers
     reused = not args.force and M.is_current(out, **params)
     if not reused:
         print(f"building the default model in {out} (seed {params['seed']}) ...", flush=True)

@@ -219,6 +219,21 @@ def test_model_init_cli_offline_then_load_and_generate(tmp_path, no_network, cap
     assert f"reused the existing build in {out}" in capsys.readouterr().out
 
 
+def test_model_init_cli_builds_other_sizes(tmp_path, no_network, capsys):
+    from npcbus.cli import main
+
+    assert main(["model", "init", str(tmp_path / "bad"), "--hidden-size", "100"]) == 2
+    assert "multiple of 64" in capsys.readouterr().out
+    assert main(["model", "init", str(tmp_path / "bad"), "--layers", "0"]) == 2
+    out = tmp_path / "wide"
+    assert main(["model", "init", str(out), "--seed", "5", "--steps", "1", "--sft-steps", "0", "--persona-steps", "0",
+                 "--hidden-size", "128", "--layers", "2"]) == 0
+    p = M.read_stamp(out)["params"]
+    assert (p["hidden_size"], p["num_layers"], p["num_heads"], p["num_kv_heads"], p["intermediate_size"]) == \
+        (128, 2, 2, 2, 352)
+    assert "hidden 128, 2 layers, 2 heads of 64" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ the default build
 
 
