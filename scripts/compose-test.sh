@@ -74,10 +74,18 @@ else
     rootfs="$WORK/rootfs"
     rm -rf "$rootfs"
     say "debootstrap: Debian bookworm (minbase, python3, venv, CA certificates) into $rootfs"
-    mirror=$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | head -1)
+    # this machine's apt mirrors (not commented out), then Debian's own: the first that answers
+    mirror=""
+    for m in $(grep -rhE '^[[:space:]]*(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
+               | grep -oE 'https?://[^ ]+/debian/?' | sed 's#/*$##' | awk '!seen[$0]++') http://deb.debian.org/debian; do
+      if ! command -v curl >/dev/null || timeout 20 curl -sfI "$m/dists/bookworm/Release" >/dev/null; then
+        mirror=$m; break
+      fi
+    done
+    say "debootstrap mirror: ${mirror:-none answered; trying http://deb.debian.org/debian}"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
       "${mirror:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log" 2>&1 \
-      || { tail -20 "$WORK/debootstrap.log"; exit 1; }
+      || { echo "debootstrap failed; the end of its log:" >&2; tail -20 "$WORK/debootstrap.log" >&2; exit 1; }
     # this machine's own CA certificates (a TLS-inspecting proxy's) so that pip works in the build
     if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
       cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/"
