@@ -57,6 +57,7 @@ Properties = aiormq.spec.Basic.Properties
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 _TRANSIENT = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
 OFFLOAD_BYTES = 1 << 20  # encode/decode/hash larger payloads in a thread
+RECONNECT_GRACE_S = 15.0  # after a reconnect, a nack is retried on a new channel (see _publish_raw)
 
 
 class BusError(RuntimeError):
@@ -394,6 +395,10 @@ class Bus:
         self._conn: aio_pika.abc.AbstractRobustConnection | None = None
         self._pub: aio_pika.abc.AbstractChannel | None = None
         self._pub_lock = asyncio.Lock()
+        self._pub_refreshed = 0.0  # monotonic time of the last replacement of the publishing channel
+        self._reconnected_at = float("-inf")
+        self.publisher_refreshes = 0
+        self._background: set[asyncio.Task] = set()
         self._consumers: list[Consumer] = []
         self._reply_queue: str | None = None
         self._reply_consumer: Consumer | None = None
@@ -455,6 +460,7 @@ class Bus:
 
     def _on_reconnect(self, *_args) -> None:
         self.reconnects += 1
+        self._reconnected_at = time.monotonic()
         self._connected_evt.set()
         metrics.BUS_CONNECTED.labels(self.name).set(1)
         # pieces held from the old channel can no longer be settled; the broker redelivers them
@@ -471,6 +477,8 @@ class Bus:
             return
         self._closed = True
         metrics.BUS_CONNECTED.labels(self.name).set(0)
+        for t in list(self._background):
+            t.cancel()
         for c in list(self._consumers):
             await c.cancel()
         self._consumers.clear()
@@ -619,6 +627,7 @@ class Bus:
         the message properties are built once, without an intermediate ``aio_pika.Message``."""
         deadline = time.monotonic() + self.publish_timeout_s
         delay = 0.05
+        refreshed = False
         while True:
             try:
                 if self._pub.is_closed:
@@ -630,6 +639,20 @@ class Bus:
             except aiormq.exceptions.PublishError as e:
                 raise Unroutable(f"no queue bound for {exchange!r}/{routing_key!r}") from e
             except aiormq.exceptions.DeliveryError as e:
+                # a nack: the queue is full (reject-publish), or, on a cluster, the publishing
+                # channel went stale in a quorum queue's leader change (RabbitMQ 3.10: a channel
+                # that publishes while the leader is being elected gets nacks from then on, until
+                # the old leader's node is back; a new channel does not; such a channel exists only
+                # after a reconnect). So a nack is tried again on a new channel: in the first
+                # seconds after a reconnect until the publish timeout, a new channel a second; else
+                # once (then the nack is the queue's answer: "overloaded", at once).
+                keep_trying = time.monotonic() - self._reconnected_at < RECONNECT_GRACE_S
+                if not self._closed and (not refreshed or (keep_trying and time.monotonic() < deadline)):
+                    refreshed = True
+                    await self._refresh_publisher()
+                    if keep_trying:
+                        await asyncio.sleep(0.2)
+                    continue
                 raise Overloaded(f"broker refused the message for {exchange!r}/{routing_key!r} (queue full)") from e
             except aiormq.exceptions.ChannelNotFoundEntity as e:
                 raise Unroutable(f"exchange {exchange!r} does not exist") from e
@@ -644,6 +667,33 @@ class Bus:
                 if self._pub is None or self._pub.is_closed:
                     with contextlib.suppress(Exception):
                         await self._pub.reopen()
+
+    async def _refresh_publisher(self) -> None:
+        """Replace the publishing channel with a new one (at most once a second; a publish that
+        finds it refreshed less than a second ago retries on that one). The old channel is closed
+        later, once the confirms it still awaits have come."""
+        async with self._pub_lock:
+            now = time.monotonic()
+            if now - self._pub_refreshed < 1.0 or self._conn is None or self._closed:
+                return
+            self._pub_refreshed = now
+            try:
+                new = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+            except Exception as e:  # noqa: BLE001 - keep the old one; the retry will tell
+                log.warning("could not open a new publishing channel", error=f"{type(e).__name__}: {e}")
+                return
+            old, self._pub = self._pub, new
+            self.publisher_refreshes += 1
+            log.info("publishing channel replaced after a nack", refreshes=self.publisher_refreshes)
+
+        async def close_later(ch) -> None:
+            await asyncio.sleep(self.publish_timeout_s + 1)
+            with contextlib.suppress(Exception):
+                await ch.close()
+
+        task = asyncio.get_running_loop().create_task(close_later(old))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def publish_many(self, exchange: str, routing_key: str, msgs: Iterable[Message], **kw) -> None:
         """Publish several messages with pipelined confirms (all in flight, then all awaited)."""
