@@ -25,6 +25,7 @@ import aiohttp
 
 from npcbus import compose
 from npcbus.stack import StackSettings, Supervisor, build_plan
+from npcbus.tasks import DATA_FILES, read_jsonl
 
 from .broker_roles import BrokerRoles, new_roles
 from .gateway_util import WS
@@ -217,3 +218,81 @@ def release_shared_stack() -> None:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def wait_tasks_applied(stack: LocalStack, task_ids: list[str], timeout: float = 300.0) -> set[str]:
+    """Until every task of ``task_ids`` and every task the feedback loop published for the test's
+    adapter is applied in some version; returns the loop's task ids."""
+    end = time.monotonic() + timeout
+    while True:
+        # the loop's tasks for this adapter (a shared stack's loop also trained persona adapters)
+        loop_tasks = {e["task_id"] for e in stack.service_events("loop", "training task published from experience",
+                                                                 adapter=ADAPTER)}
+        applied = [t for m in stack.manifests() for t in m.get("task_ids", [])]
+        missing = (set(task_ids) | loop_tasks) - set(applied)
+        if not missing:
+            return loop_tasks
+        assert time.monotonic() < end, f"tasks never applied: {sorted(missing)}\n" + stack.sup.tails(n=20)
+        await asyncio.sleep(1.0)
+
+
+def delta_accounts(stack: LocalStack) -> dict:
+    """What became of the deltas and tasks of the test's adapter, from the manifests and the logs:
+    the versions, the delta and task ids applied (in order, repeats kept), the deltas the workers
+    published (broker-confirmed) and those the aggregator rejected, with their reasons."""
+    ms = stack.manifests()
+    return {
+        "manifests": ms,
+        "applied_deltas": [d for m in ms for d in m["delta_ids"]],
+        "applied_tasks": [t for m in ms for t in m.get("task_ids", [])],
+        "published": {e["delta_id"] for e in stack.service_events("worker", "delta published", adapter=ADAPTER)},
+        "rejected": {e.get("delta_id"): e.get("reason")
+                     for e in stack.service_events("aggregator", "delta rejected", adapter=ADAPTER)},
+    }
+
+
+class Announcements:
+    """Version announcements heard by one listener, in order (it rides out the cuts too)."""
+
+    def __init__(self, stack: LocalStack, *, rotate: int = 0):
+        self.stack = stack
+        self.rotate = rotate
+        self.heard: list[int] = []
+        self.bus = None
+
+    async def start(self) -> None:
+        from npcbus.bus import Bus
+        from npcbus.settings import BusSettings
+
+        self.bus = Bus(BusSettings.from_env({"AMQP_URL": self.stack.roles.url("infer", rotate=self.rotate),
+                                             "NPCBUS_NAMESPACE": "npcbus"}), name="fault-listener")
+        await self.bus.connect()
+        topo = self.bus.topology
+
+        async def on(msg, _d):
+            if getattr(msg, "adapter", None) == ADAPTER:
+                self.heard.append(msg.version)
+
+        await self.bus.consume(topo.listener_queue("versions", self.bus.client_id, topo.versions_exchange), on)
+
+    async def close(self) -> None:
+        if self.bus is not None:
+            await self.bus.close()
+
+
+async def publish_tasks(stack: LocalStack, n: int, steps: int, *, rotate: int = 0) -> list[str]:
+    """``n`` training tasks of ``steps`` steps for the test's adapter, published as the aggregator's user."""
+    from npcbus.bus import Bus
+    from npcbus.settings import BusSettings
+    from npcbus.tasks import publish_tasks as publish
+
+    records = read_jsonl(DATA_FILES / "npc_dialogue.jsonl")[: 4 * n]
+    bus = Bus(BusSettings.from_env({"AMQP_URL": stack.roles.url("aggregator", rotate=rotate),
+                                    "NPCBUS_NAMESPACE": "npcbus"}), name="fault-tasks")
+    await bus.connect()
+    try:
+        tasks = await publish(bus, ADAPTER, examples=records, num_tasks=n, steps=steps, hyperparams=HYPER,
+                                    lease_s=20)
+    finally:
+        await bus.close()
+    return [t.task_id for t in tasks]

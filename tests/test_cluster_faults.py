@@ -14,6 +14,9 @@ went up, and for each kill the time until every service that lost its connection
 and consuming again.
 
     pytest -s tests/test_cluster_faults.py           # the figures in docs/benchmarks.md
+
+``CLUSTER_FAULTS_ROTATE=1`` (or 2) shifts which node each service starts at, so that other services
+share the killed nodes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,11 +33,9 @@ from datetime import datetime
 import aiohttp
 import pytest
 
-from npcbus.tasks import DATA_FILES, read_jsonl
-
 from . import cluster_util
 from .broker_roles import new_roles
-from .stack_util import ADAPTER, HYPER, TOKEN, LocalStack
+from .stack_util import ADAPTER, TOKEN, Announcements, LocalStack, delta_accounts, publish_tasks, wait_tasks_applied
 
 pytestmark = [pytest.mark.broker]
 
@@ -51,7 +53,7 @@ class ClusterStack(LocalStack):
             url = spec.env.get("AMQP_URL", "")
             if single in url and "," not in url:
                 i += 1
-                k = i % 3
+                k = (i + int(os.environ.get("CLUSTER_FAULTS_ROTATE", "0"))) % 3
                 urls = [url.replace(single, f"@127.0.0.1:{cluster_util.port(n)}/") for n in cluster_util.NODES]
                 spec.env["AMQP_URL"] = ",".join(urls[k:] + urls[:k])
 
@@ -142,43 +144,6 @@ async def _next(ws, timeout: float) -> dict:
     return json.loads(msg.data)
 
 
-async def _publish_tasks(stack: LocalStack, n: int, steps: int) -> list[str]:
-    from npcbus.bus import Bus
-    from npcbus.settings import BusSettings
-    from npcbus.tasks import publish_tasks
-
-    records = read_jsonl(DATA_FILES / "npc_dialogue.jsonl")[: 4 * n]
-    bus = Bus(BusSettings.from_env({"AMQP_URL": stack.roles.url("aggregator", rotate=2), "NPCBUS_NAMESPACE": "npcbus"}),
-              name="fault-tasks")
-    await bus.connect()
-    try:
-        tasks = await publish_tasks(bus, ADAPTER, examples=records, num_tasks=n, steps=steps, hyperparams=HYPER,
-                                    lease_s=20)
-    finally:
-        await bus.close()
-    return [t.task_id for t in tasks]
-
-
-class Announcements:
-    def __init__(self, stack: LocalStack):
-        self.stack, self.heard, self.bus = stack, [], None
-
-    async def start(self) -> None:
-        from npcbus.bus import Bus
-        from npcbus.settings import BusSettings
-
-        self.bus = Bus(BusSettings.from_env({"AMQP_URL": self.stack.roles.url("infer", rotate=1),
-                                             "NPCBUS_NAMESPACE": "npcbus"}), name="fault-listener")
-        await self.bus.connect()
-        t = self.bus.topology
-
-        async def on(msg, _d):
-            if getattr(msg, "adapter", None) == ADAPTER:
-                self.heard.append(msg.version)
-
-        await self.bus.consume(t.listener_queue("versions", self.bus.client_id, t.versions_exchange), on)
-
-
 def _ts(e: dict) -> float:
     return datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
 
@@ -236,7 +201,7 @@ async def test_kill9_of_broker_nodes_under_traffic_loses_nothing(cluster, model_
     monkeypatch.setenv("RABBITMQ_NODENAME", cluster_util.node_name(1))
     stack = ClusterStack(model_dir, cluster, AMQP_HEARTBEAT_S="10")
     turns = Turns(stack, sessions=3)
-    heard = Announcements(stack)
+    heard = Announcements(stack, rotate=1)
     runner = None
     try:
         await asyncio.to_thread(stack.start)
@@ -248,7 +213,7 @@ async def test_kill9_of_broker_nodes_under_traffic_loses_nothing(cluster, model_
             assert time.monotonic() < end, "no turn answered on the cluster\n" + stack.sup.tails(n=15)
             await asyncio.sleep(0.3)
         versions_before = stack.version()
-        task_ids = await _publish_tasks(stack, 3, 2)
+        task_ids = await publish_tasks(stack, 3, 2, rotate=2)
         recoveries = []
         first = None
         for _ in range(2):
@@ -269,7 +234,7 @@ async def test_kill9_of_broker_nodes_under_traffic_loses_nothing(cluster, model_
             recoveries.append({"node": victim, "buses_reconnected": buses, "all_back_s": round(seconds, 2),
                                "first_turn_after_kill_s": round(time.time() - killed_at, 2)})
             await asyncio.to_thread(cluster.restart, victim)
-            task_ids += await _publish_tasks(stack, 2, 2)
+            task_ids += await publish_tasks(stack, 2, 2, rotate=2)
         # traffic on the healed cluster, then stop it
         t = time.monotonic()
         end = t + 60
@@ -281,23 +246,11 @@ async def test_kill9_of_broker_nodes_under_traffic_loses_nothing(cluster, model_
             await asyncio.wait_for(runner, 90)
 
         # every confirmed task (ours and the feedback loop's) is applied, exactly once
-        end = time.monotonic() + 300
-        while True:
-            loop_tasks = {e["task_id"] for e in stack.service_events("loop", "training task published from experience",
-                                                                     adapter=ADAPTER)}
-            applied_tasks = [x for m in stack.manifests() for x in m.get("task_ids", [])]
-            missing = (set(task_ids) | loop_tasks) - set(applied_tasks)
-            if not missing:
-                break
-            assert time.monotonic() < end, f"tasks never applied: {sorted(missing)}\n" + stack.sup.tails(n=20)
-            await asyncio.sleep(1.0)
+        await wait_tasks_applied(stack, task_ids)
         await asyncio.sleep(2.0)  # a second application would show up now
-        ms = stack.manifests()
-        applied_deltas = [d for m in ms for d in m["delta_ids"]]
-        applied_tasks = [x for m in ms for x in m.get("task_ids", [])]
-        published = {e["delta_id"] for e in stack.service_events("worker", "delta published", adapter=ADAPTER)}
-        rejected = {e.get("delta_id"): e.get("reason")
-                    for e in stack.service_events("aggregator", "delta rejected", adapter=ADAPTER)}
+        acc = delta_accounts(stack)
+        ms, applied_deltas, applied_tasks = acc["manifests"], acc["applied_deltas"], acc["applied_tasks"]
+        published, rejected = acc["published"], acc["rejected"]
         lost_deltas = published - set(applied_deltas) - set(rejected)
         twice = len(applied_deltas) - len(set(applied_deltas)) + len(applied_tasks) - len(set(applied_tasks))
         contiguous = [m["version"] for m in ms] == list(range(len(ms)))
@@ -336,8 +289,7 @@ async def test_kill9_of_broker_nodes_under_traffic_loses_nothing(cluster, model_
             runner.cancel()
             with contextlib.suppress(BaseException):
                 await runner
-        if heard.bus is not None:
-            await heard.bus.close()
+        await heard.close()
         stack.stop()
         for n in cluster_util.NODES:  # leave the cluster whole for whoever comes next
             with contextlib.suppress(Exception):

@@ -28,10 +28,16 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from npcbus.tasks import DATA_FILES, read_jsonl
-
 from .conftest import broker_up
-from .stack_util import ADAPTER, HYPER, LocalStack, release_shared_stack, shared_stack
+from .stack_util import (
+    Announcements,
+    LocalStack,
+    delta_accounts,
+    publish_tasks,
+    release_shared_stack,
+    shared_stack,
+    wait_tasks_applied,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.skipif(not broker_up(), reason="needs the local RabbitMQ")]
 
@@ -82,51 +88,6 @@ class Traffic:
         return sum(1 for at, _v in self.finals if at > t)
 
 
-class Announcements:
-    """Version announcements heard by one listener, in order (it rides out the cuts too)."""
-
-    def __init__(self, stack: LocalStack):
-        self.stack = stack
-        self.heard: list[int] = []
-        self.bus = None
-
-    async def start(self) -> None:
-        from npcbus.bus import Bus
-        from npcbus.settings import BusSettings
-
-        self.bus = Bus(BusSettings.from_env({"AMQP_URL": self.stack.roles.url("infer"), "NPCBUS_NAMESPACE": "npcbus"}),
-                       name="fault-listener")
-        await self.bus.connect()
-        topo = self.bus.topology
-
-        async def on(msg, _d):
-            if getattr(msg, "adapter", None) == ADAPTER:
-                self.heard.append(msg.version)
-
-        await self.bus.consume(topo.listener_queue("versions", self.bus.client_id, topo.versions_exchange), on)
-
-    async def close(self) -> None:
-        if self.bus is not None:
-            await self.bus.close()
-
-
-async def _publish_tasks(stack: LocalStack, n: int, steps: int) -> list[str]:
-    from npcbus.bus import Bus
-    from npcbus.settings import BusSettings
-    from npcbus.tasks import publish_tasks
-
-    records = read_jsonl(DATA_FILES / "npc_dialogue.jsonl")[: 4 * n]
-    bus = Bus(BusSettings.from_env({"AMQP_URL": stack.roles.url("aggregator"), "NPCBUS_NAMESPACE": "npcbus"}),
-              name="fault-tasks")
-    await bus.connect()
-    try:
-        tasks = await publish_tasks(bus, ADAPTER, examples=records, num_tasks=n, steps=steps, hyperparams=HYPER,
-                                    lease_s=20)
-    finally:
-        await bus.close()
-    return [t.task_id for t in tasks]
-
-
 async def _recovered(stack: LocalStack, names: list[str], timeout: float = 180.0) -> None:
     await asyncio.to_thread(stack.sup.wait_healthy, None, timeout)
 
@@ -158,33 +119,19 @@ async def _kill(stack: LocalStack, service: str, traffic: Traffic, *, mid_task: 
 async def _settle_and_check(stack: LocalStack, task_ids: list[str], traffic: Traffic, heard: Announcements,
                             versions_before: int) -> None:
     # every confirmed task is applied: ours and the loop's
-    end = time.monotonic() + 300
-    while True:
-        # the loop's tasks for this adapter (a shared stack's loop also trained persona adapters)
-        loop_tasks = {e["task_id"] for e in stack.service_events("loop", "training task published from experience",
-                                                                 adapter=ADAPTER)}
-        applied = [t for m in stack.manifests() for t in m.get("task_ids", [])]
-        missing = (set(task_ids) | loop_tasks) - set(applied)
-        if not missing:
-            break
-        assert time.monotonic() < end, f"tasks never applied: {sorted(missing)}\n" + stack.sup.tails(n=20)
-        await asyncio.sleep(1.0)
+    loop_tasks = await wait_tasks_applied(stack, task_ids)
     assert loop_tasks, "the feedback loop made no task from the thumbs up during the faults"
     await asyncio.sleep(2.0)  # a second application would show up now
-    ms = stack.manifests()
+    acc = delta_accounts(stack)
+    ms, applied_deltas, applied_tasks = acc["manifests"], acc["applied_deltas"], acc["applied_tasks"]
     assert [m["version"] for m in ms] == list(range(len(ms))), "versions are contiguous"
     assert all(m["parent"] == m["version"] - 1 for m in ms[1:])
-    applied_deltas = [d for m in ms for d in m["delta_ids"]]
-    applied_tasks = [t for m in ms for t in m.get("task_ids", [])]
     assert len(applied_deltas) == len(set(applied_deltas)), "a delta was applied twice"
     assert len(applied_tasks) == len(set(applied_tasks)), "a task was applied twice"
     # every delta a worker published (confirmed) was applied or rejected with its reason
-    published = {e["delta_id"] for e in stack.service_events("worker", "delta published", adapter=ADAPTER)}
-    rejected = {e.get("delta_id"): e.get("reason")
-                for e in stack.service_events("aggregator", "delta rejected", adapter=ADAPTER)}
-    lost = published - set(applied_deltas) - set(rejected)
+    lost = acc["published"] - set(applied_deltas) - set(acc["rejected"])
     assert not lost, f"deltas neither applied nor rejected: {lost}"
-    assert set(rejected.values()) <= {"duplicate", "stale"}, rejected
+    assert set(acc["rejected"].values()) <= {"duplicate", "stale"}, acc["rejected"]
     # versions only go up
     assert heard.heard == sorted(heard.heard), heard.heard
     answered = [v for _t, v in traffic.finals if v is not None]
@@ -206,7 +153,7 @@ async def _fault_run(stack: LocalStack, *, cycles: int, cuts: int, tasks: int, s
         while not traffic.finals:
             assert time.monotonic() < end, "no chat turn answered\n" + stack.sup.tails(n=10)
             await asyncio.sleep(0.3)
-        task_ids = await _publish_tasks(stack, tasks, steps)
+        task_ids = await publish_tasks(stack, tasks, steps)
         for cycle in range(cycles):
             for kind in KINDS:
                 await _kill(stack, kind, traffic, mid_task=(kind == "worker"), replica=cycle)
@@ -220,7 +167,7 @@ async def _fault_run(stack: LocalStack, *, cycles: int, cuts: int, tasks: int, s
                     assert time.monotonic() < end, "no chat turn after the connection cut\n" + stack.sup.tails(n=10)
                     await asyncio.sleep(0.3)
             if cycle + 1 < cycles:
-                task_ids += await _publish_tasks(stack, tasks, steps)
+                task_ids += await publish_tasks(stack, tasks, steps)
         # the chat works at the end
         t = time.monotonic()
         end = time.monotonic() + 60
