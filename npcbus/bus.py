@@ -307,7 +307,9 @@ class FailoverConnection(aio_pika.RobustConnection):
     restoring channels, queues and consumers on the new connection, is aio-pika's.
 
     The hook: aio-pika's reconnect loop clears ``transport`` right before each attempt and
-    connects to ``self.url``; both are properties here. :func:`failover_connect` makes the first
+    connects to ``self.url``; both are properties here. That is aio-pika's internal behaviour, which
+    is why pyproject.toml pins aio-pika exactly: check this class (tests/test_cluster.py) when
+    moving the pin. :func:`failover_connect` makes the first
     connection, trying each URL once.
     """
 
