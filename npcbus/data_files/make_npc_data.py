@@ -38,7 +38,7 @@ from npcbus import npc  # noqa: E402
 
 SEED = 20261105
 RECORDS_PER_PERSONA = 40        # npc_dialogue.jsonl: the small sample the docs and tests use
-SFT_RECORDS_PER_PERSONA = 320   # npc_sft.jsonl: the default model's fine-tuning set
+SFT_RECORDS_PER_PERSONA = 400   # npc_sft.jsonl: the default model's fine-tuning set (SFT_QUOTAS)
 HELDOUT_PER_PERSONA = 16        # npc_heldout.jsonl: cases for bench.npc that no training record contains
 
 PERSONAS = {
@@ -170,6 +170,98 @@ SHARED_INPUTS = {
                  "Take care, I'm leaving.", "Until next time."],
     "about": ["Tell me about yourself.", "How long have you lived here?", "What do you do all day?",
               "Who are you, exactly?", "What's your story?", "What is your trade?", "Have you always lived here?"],
+}
+
+# More phrasings, only for the fine-tuning set (npc_sft.jsonl), so that the default model learns what
+# a kind of request looks like rather than a handful of sentences. Written to stay clear of the
+# held-out lines below: none of these is one of them or a close rewording of one (a check enforces the
+# first; the second is the writer's care).
+MORE_INPUTS = {
+    "greet": ["Hi.", "Hey there.", "Good morning!", "Evening, friend.", "Hello, is this a good time?", "Greetings.",
+              "Well, hello.", "Good morning to you.", "Howdy!", "Hello again.", "Hey, how's it going?",
+              "Hi, mind if I come in?", "Good to see a friendly face.", "Hello, stranger.", "Ho there!",
+              "Hi, got a moment for a traveller?", "Oh, hello!", "Hey, friend.", "Morning.", "Afternoon!",
+              "Salutations.", "Hello, hello!"],
+    "rumor": ["Any rumors going around?", "What's the word in town?", "What's the talk of the town?",
+              "Anything I should know about?", "Any strange goings-on?", "What's been happening here?",
+              "Is there any news?", "Got any gossip for me?", "What do folk say lately?", "Tell me what you've heard.",
+              "Anything exciting going on?", "What's the latest?", "Is anything going on in town?",
+              "Any tales worth telling?", "Spill the gossip.", "What are people whispering about?",
+              "Any trouble brewing?", "Who's been up to what?"],
+    "directions": ["Point me to the {place}, please.", "Which road leads to the {place}?", "How far is the {place}?",
+                   "I need to get to the {place}.", "Do you know where the {place} is?",
+                   "What's the quickest way to the {place}?", "I'm trying to find the {place}.",
+                   "Which direction is the {place}?", "I'm looking for the {place}.", "Is the {place} nearby?"],
+    "quest": ["Can I help you with something?", "I'm good with a sword, need one?", "Is anyone hiring?",
+              "Do you have a task for me?", "Can I earn a few coins here?", "I'm an adventurer looking for a job.",
+              "Put me to work.", "Any errands you need run?", "Got a problem I could solve?",
+              "I'm looking for something useful to do.", "Give me a task.", "Any trouble I could help with?",
+              "Is there a quest for me?", "I'll take any job.", "Have you got any jobs?",
+              "Is there coin to be made here?", "Anything I can help with?", "What can I do for you?"],
+    "joke": ["Got a joke for me?", "I could use a laugh.", "Know any funny stories?", "Let's hear a joke.", "Amuse me.",
+             "Do you ever tell jokes?", "Go on, tell me a joke.", "Got any jokes?", "I need cheering up.",
+             "Tell me your best joke.", "Anything to laugh about?", "Heard a good joke lately?",
+             "Lighten the mood, would you?", "Make me laugh, will you?", "What's the funniest thing you know?"],
+    "rude": ["You're an idiot.", "This place stinks.", "Get out of my way.", "Are you deaf or just slow?",
+             "Move faster, fool.", "I've met smarter goats.", "You people are hopeless.", "Shut up and listen.",
+             "You bore me.", "What a worthless town.", "Nobody cares what you think.", "You're pathetic.", "Go away.",
+             "I don't like your face.", "Quit babbling.", "What a filthy hole."],
+    "thanks": ["Thanks!", "Thank you.", "Many thanks.", "Thanks, friend.", "That's a big help.", "You're too kind.",
+               "Thank you kindly.", "Cheers, that helps.", "I'm grateful.", "Thanks for your help.",
+               "Bless you for that.", "You've done me a kindness.", "That was helpful, thanks.", "I won't forget this.",
+               "Thank you, truly.", "You're a lifesaver."],
+    "smalltalk": ["How's business?", "What a day, eh?", "Cold out there, isn't it?", "Been busy lately?", "How goes it?",
+                  "All well with you?", "How's life in Millbrook?", "Anything new with you?", "Long day?",
+                  "How are things going?", "Is it always this quiet?", "Tired today?", "How's your day been?",
+                  "Doing all right?", "The sky looks strange today.", "Crowded in town today, isn't it?"],
+    "farewell": ["Bye!", "See you around.", "I'd better go.", "Time for me to leave.", "So long.", "Good night.",
+                 "Catch you later.", "Take care now.", "Goodbye, friend.", "I have to go now.", "Until we meet again.",
+                 "Stay safe.", "Later!", "Be well.", "I'm heading out.", "I'll see you another time."],
+    "about": ["Who are you?", "Where are you from?", "What's your name?", "How did you end up here?",
+              "What's your life like?", "Do you like living here?", "What keeps you busy?", "Are you from around here?",
+              "What should I know about you?", "How did you get into your line of work?", "Do you have family here?",
+              "What do you love about this place?", "Tell me your story.", "What's a day like for you?"],
+}
+
+# More ways to ask for each service of each persona (one list per entry of LINES[pid]["trade"]), for the
+# fine-tuning set only; as above, clear of TRADE_HELDOUT.
+MORE_TRADE_INPUTS: dict[str, list[list[str]]] = {
+    "innkeeper": [["I'd like a room.", "Any rooms free tonight?", "Can I stay the night here?", "I need somewhere to sleep."],
+                  ["I'm hungry.", "Is there any food?", "Could I have some supper?", "What's on the menu tonight?"],
+                  ["An ale, please.", "I could use a drink.", "What do you have on tap?", "Pour me a pint."]],
+    "blacksmith": [["My axe needs fixing.", "Can you repair my armor?", "This blade needs work.",
+                    "Could you sharpen my sword?"],
+                   ["I want to buy a weapon.", "What's for sale at the forge?", "Do you sell swords?",
+                    "Let me see your blades."],
+                   ["I have ore to sell.", "Do you buy iron?", "How much for a sack of ore?",
+                    "I dug up some iron, want it?"]],
+    "guard": [["Open the gate, please.", "I need to leave town.", "Can I pass through?", "Raise the gate for me."],
+              ["A thief took my money!", "My coin purse is gone!", "Help, I was robbed!", "Someone stole from me."],
+              ["Stop that thief!", "Arrest that man!", "That woman stole my bag, get her!", "Catch him, he's a thief!"]],
+    "merchant": [["What are you selling?", "Let me see your wares.", "What's on your wagon?", "Anything good for sale?"],
+                 ["That price is too high.", "Give me a better deal.", "How about a discount?", "Can we haggle?"],
+                 ["Want to buy a ring?", "How much would you give for this ring?", "I'm selling a ring.",
+                  "Take a look at this ring, will you buy it?"]],
+    "healer": [["I'm wounded.", "Please patch me up.", "I took a bad cut, can you help?", "Can you tend my injuries?"],
+               ["I feel sick, I think it's poison.", "Something I ate was poisoned.", "Can you cure poison?",
+                "A snake bit me, help!"],
+               ["I need a potion.", "Sell me some potions.", "Do you have healing draughts?",
+                "How much for a potion?"]],
+    "bard": [["Sing something for me.", "Give us a tune.", "Can you play a tune?", "I'd love to hear a song."],
+             ["Know any good stories?", "Tell me a tale.", "Share a legend with me.", "I'd like to hear a story."],
+             ["Come with me on the road.", "Want to join my travels?", "Travel with me, bard.",
+              "Care to come adventuring?"]],
+    "farmer": [["I'd like to buy turnips.", "How much for your turnips?", "Sell me some vegetables.",
+                "Do you sell turnips?"],
+               ["Could I get some goat milk?", "I'd love a drink of milk.", "Any milk to spare?",
+                "I'm parched, anything to drink?"],
+               ["I can help with the farm work.", "Want a hand in the field?", "Put me to work on the farm.",
+                "Need help with the goats?"]],
+    "wizard": [["What does this amulet do?", "Is this ring magic?", "Can you tell what this is?",
+                "Can you look at this charm?"],
+               ["Teleport me, please.", "Can you send me somewhere by magic?", "Magic me to the harbor!",
+                "Can you zap me over to the harbor?"],
+               ["I want to buy a scroll.", "Sell me a spell.", "What scrolls do you have?", "Got any magic for sale?"]],
 }
 
 # Player inputs that only the held-out cases use (npc_heldout.jsonl): no training record contains them.
@@ -950,13 +1042,14 @@ for _pid, _persona in PERSONAS.items():
 HISTORY_SITUATIONS = ("about", "smalltalk", "rumor", "joke", "thanks")
 
 
-def _history(rng: random.Random, pid: str, req: dict) -> list[dict]:
+def _history(rng: random.Random, pid: str, req: dict, inputs: dict[str, list[str]] | None = None) -> list[dict]:
     """One to three earlier exchanges: a greeting, then small talk drawn from the persona's own lines."""
+    inputs = inputs or SHARED_INPUTS
     fill = _fill(req)
     situations = ["greet"] + [rng.choice(HISTORY_SITUATIONS) for _ in range(rng.choice([0, 0, 1, 2]))]
     hist = []
     for situation in situations:
-        hist += [{"role": "player", "text": rng.choice(SHARED_INPUTS[situation])},
+        hist += [{"role": "player", "text": rng.choice(inputs[situation])},
                  {"role": "npc", "text": rng.choice(LINES[pid][situation])[0].format(**fill)}]
     return hist
 
@@ -975,14 +1068,14 @@ def _vary(resp: dict, req: dict, situation: str, rng: random.Random) -> None:
 
 
 def _turn(rng: random.Random, pid: str, candidate: tuple, audience: str, *, history_p: float,
-          vary: bool) -> dict:
+          vary: bool, history_inputs: dict[str, list[str]] | None = None) -> dict:
     situation, text, spec, extra = candidate
     need = extra.get("min_audience")
     if need and npc.AUDIENCES.index(audience) < npc.AUDIENCES.index(need):
         audience = need
     req = _request(rng, pid, text, audience, quest_state=extra.get("quest_state"), inline=rng.random() < 0.2)
     if situation != "greet" and rng.random() < history_p:
-        req["history"] = _history(rng, pid, req)
+        req["history"] = _history(rng, pid, req, history_inputs)
     resp = _response(spec, _fill(req, extra.get("place", "")))
     if vary:
         _vary(resp, req, situation, rng)
@@ -1021,6 +1114,74 @@ def build_dialogue(rng: random.Random, per_persona: int = RECORDS_PER_PERSONA, *
             audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
             records.append(_turn(rng, pid, candidate, audience, history_p=0.35 if not vary else 0.45, vary=vary))
     return records
+
+
+#: npc_sft.jsonl's turns per persona, by situation (the rest: random situations). Set by count, not by
+#: how many phrasings x lines a situation has, so that adding phrasings adds variety, not weight.
+SFT_QUOTAS = {"directions": 60, "greet": 44, "rumor": 32, "quest": 32, "rude": 30, "thanks": 32, "smalltalk": 30,
+              "farewell": 30, "about": 32, "joke": 30, "trade": 36, "quest_update": 8}
+
+
+def sft_inputs() -> dict[str, list[str]]:
+    """The fine-tuning set's phrasings by situation: the shared ones and :data:`MORE_INPUTS`."""
+    return {k: v + [t for t in MORE_INPUTS.get(k, []) if t not in v] for k, v in SHARED_INPUTS.items()}
+
+
+def _sft_candidates(pid: str) -> dict[str, list[tuple]]:
+    """The persona's fine-tuning candidates by situation, with the extra phrasings of each service."""
+    inputs = sft_inputs()
+    out: dict[str, list[tuple]] = {}
+    for c in _candidates(pid, inputs, trade=True):
+        out.setdefault(c[0], []).append(c)
+    trade = []
+    for i, entry in enumerate(LINES[pid]["trade"]):
+        spec = entry[1]
+        extra = {"min_audience": entry[2]} if len(entry) > 2 else {}
+        for text in [*entry[0], *MORE_TRADE_INPUTS[pid][i]]:
+            trade.append(("trade", text, spec, extra))
+    out["trade"] = trade
+    return out
+
+
+def build_sft(rng: random.Random, per_persona: int = SFT_RECORDS_PER_PERSONA) -> list[dict]:
+    """The fine-tuning turns: per persona, :data:`SFT_QUOTAS` turns of each situation, each situation's
+    candidates (phrasing x line) taken in a shuffled round so that every line and most phrasings
+    appear, with scenes, histories (their player lines from the same phrasings) and audiences."""
+    records = []
+    for pid in PERSONAS:
+        by_situation = _sft_candidates(pid)
+        chosen = []
+        for situation, quota in SFT_QUOTAS.items():
+            cands = list(by_situation[situation])
+            rng.shuffle(cands)
+            chosen += [cands[i % len(cands)] for i in range(quota)]
+        situations = sorted(by_situation)
+        while len(chosen) < per_persona:
+            chosen.append(rng.choice(by_situation[rng.choice(situations)]))
+        chosen = chosen[:per_persona]
+        rng.shuffle(chosen)
+        for candidate in chosen:
+            audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
+            records.append(_turn(rng, pid, candidate, audience, history_p=0.45, vary=True,
+                                 history_inputs=sft_inputs()))
+    return records
+
+
+def _normalized(text: str) -> str:
+    return " ".join("".join(ch if ch.isalnum() or ch == " " else " " for ch in text.lower()).split())
+
+
+def check_heldout_unseen(train: list[dict], heldout: list[dict]) -> None:
+    """No held-out player line (letters and digits, case aside) is a player line of a training record or of
+    its history."""
+    seen = set()
+    for rec in train:
+        seen.add(_normalized(rec["request"]["player_input"]))
+        seen.update(_normalized(t["text"]) for t in rec["request"].get("history", []) if t["role"] == "player")
+    clash = sorted(rec["request"]["player_input"] for rec in heldout
+                   if _normalized(rec["request"]["player_input"]) in seen)
+    if clash:
+        raise AssertionError(f"held-out player lines found in training data: {clash[:5]}")
 
 
 def build_heldout(rng: random.Random, per_persona: int = HELDOUT_PER_PERSONA) -> list[dict]:
@@ -1078,12 +1239,21 @@ def _jsonl(records: list[dict]) -> str:
 def build_all() -> dict[str, str]:
     """File name -> content."""
     rng = random.Random(SEED)
+    dialogue = build_dialogue(rng)
+    alignment = build_alignment(rng)
+    sft = build_sft(random.Random(SEED + 1))
+    # the draws of the fine-tuning set as it was before build_sft (320 turns a persona from the shared
+    # phrasings): made and dropped, so that the held-out cases after them stay exactly the cases that
+    # docs/benchmarks.md's earlier figures were measured on
+    build_dialogue(rng, 320, vary=True)
+    heldout = build_heldout(rng)
+    check_heldout_unseen(dialogue + sft, heldout)
     return {
         "personas.json": json.dumps(PERSONAS, ensure_ascii=False, indent=2) + "\n",
-        "npc_dialogue.jsonl": _jsonl(build_dialogue(rng)),
-        "npc_alignment.jsonl": _jsonl(build_alignment(rng)),
-        "npc_sft.jsonl": _jsonl(build_dialogue(rng, SFT_RECORDS_PER_PERSONA, vary=True)),
-        "npc_heldout.jsonl": _jsonl(build_heldout(rng)),
+        "npc_dialogue.jsonl": _jsonl(dialogue),
+        "npc_alignment.jsonl": _jsonl(alignment),
+        "npc_sft.jsonl": _jsonl(sft),
+        "npc_heldout.jsonl": _jsonl(heldout),
     }
 
 
