@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = get_logger("npcbus.model")
 
 #: Bump when the build changes in a way that changes the weights; stale stamps then rebuild.
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 STAMP_FILE = "npcbus_model.json"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 CORPUS_FILES = ("lore.txt", "dialogue.txt", "chat.txt")
@@ -96,7 +96,7 @@ class DefaultModelParams:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     # pre-training on the shipped corpus, in windows as long as the NPC prompts served
-    train_steps: int = 150
+    train_steps: int = 120
     seq_len: int = 512
     batch_size: int = 8
     learning_rate: float = 3e-3
@@ -106,7 +106,7 @@ class DefaultModelParams:
     chat_repeat: int = 1
     # supervised fine-tuning on NPC turns (npcbus/data_files/npc_sft.jsonl) rendered exactly as
     # inference renders them; the loss is taken on the response JSON only. 0 steps: no fine-tuning
-    sft_steps: int = 600
+    sft_steps: int = 1100
     sft_batch_size: int = 8
     sft_learning_rate: float = 1.5e-3
     sft_warmup_steps: int = 20
@@ -116,7 +116,15 @@ class DefaultModelParams:
     sft_rehearsal_batch: int = 2
     sft_rehearsal_len: int = 256
     #: how NPC requests become prompts for this model (npcbus.npc.PROMPT_STYLES); recorded in its tokenizer
-    prompt_style: str = "compact"
+    prompt_style: str = "minimal"
+    #: the order it writes a response's keys in (npcbus.npc.RESPONSE_ORDERS); recorded in its tokenizer.
+    #: plan_first: the intent and actions, then the line (a tiny model picks the answer better so)
+    response_order: str = "plan_first"
+    #: the sampling it recommends for NPC turns (npcbus.npc.NPC_SAMPLING_KEY; a request's own settings win).
+    #: Measured on bench.npc: cooler (0.5, top-k 10) repeats lines (distinct 78% against 84%) for little
+    #: gain, so this build names the request defaults
+    npc_temperature: float = 0.7
+    npc_top_k: int = 50
     # one LoRA adapter per shipped persona (``personas/<id>/``), trained on that persona's turns
     persona_steps: int = 20
     persona_batch_size: int = 8
@@ -140,8 +148,12 @@ class DefaultModelParams:
             raise ValueError("sft_rehearsal_batch must be >= 0 and sft_rehearsal_len >= 8")
         if self.persona_steps < 0 or self.persona_batch_size < 1 or self.persona_rank < 1:
             raise ValueError("persona_steps must be >= 0, persona_batch_size and persona_rank >= 1")
-        if self.prompt_style not in ("full", "compact"):
-            raise ValueError("prompt_style must be full or compact")
+        if self.prompt_style not in ("full", "compact", "minimal"):
+            raise ValueError("prompt_style must be full, compact or minimal")
+        if not (0 <= self.npc_temperature <= 2 and 0 <= self.npc_top_k <= 1000):
+            raise ValueError("npc_temperature must be in [0, 2] and npc_top_k in [0, 1000]")
+        if self.response_order not in ("dialogue_first", "plan_first"):
+            raise ValueError("response_order must be dialogue_first or plan_first")
         if self.seq_len > self.max_positions:
             raise ValueError("seq_len must be <= max_positions")
 
@@ -582,10 +594,12 @@ def build_default_model(
     chash = corpus_hash()
     log.info("model_build_start", path=str(out), seed=p.seed, steps=p.train_steps)
 
-    from npcbus.npc import PROMPT_STYLE_KEY
+    from npcbus.npc import NPC_SAMPLING_KEY, PROMPT_STYLE_KEY, RESPONSE_ORDER_KEY
 
     tokenizer = train_tokenizer(p.vocab_size)
     tokenizer.init_kwargs[PROMPT_STYLE_KEY] = p.prompt_style
+    tokenizer.init_kwargs[RESPONSE_ORDER_KEY] = p.response_order
+    tokenizer.init_kwargs[NPC_SAMPLING_KEY] = {"temperature": p.npc_temperature, "top_k": p.npc_top_k}
     stream = _training_stream(tokenizer, p.chat_repeat)
     config = _llama_config(p, tokenizer)
     records = sft_records() if (p.sft_steps or p.persona_steps) else []
@@ -611,6 +625,8 @@ def build_default_model(
         "tokenizer_size": len(tokenizer),
         "vocab_size": config.vocab_size,
         "prompt_style": p.prompt_style,
+        "response_order": p.response_order,
+        "npc_sampling": {"temperature": p.npc_temperature, "top_k": p.npc_top_k},
         "final_loss": pre.final_loss,
         "sft": {"records": len(records), "steps": p.sft_steps, "final_loss": sft.final_loss} if sft else None,
         "personas": None,

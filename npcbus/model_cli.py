@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-size", type=int, default=None,
                         help="model width (default 256); heads of 64 (vLLM's CPU attention needs head size >= 64)")
     parser.add_argument("--layers", type=int, default=None, help="transformer layers (default 4)")
+    parser.add_argument("--prompt-style", choices=("minimal", "compact", "full"), default=None,
+                        help="how NPC requests become prompts for the model (default: the default model's)")
+    parser.add_argument("--sft-batch-size", type=int, default=None, help="fine-tuning batch size")
+    parser.add_argument("--response-order", choices=("plan_first", "dialogue_first"), default=None,
+                        help="the order the model writes a response's keys in (default plan_first: intent and "
+                             "actions, then the line)")
     parser.add_argument("--force", action="store_true", help="rebuild even if DIR holds a matching build")
 
 
@@ -64,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
                       intermediate_size=16 * round(args.hidden_size * 688 / 256 / 16))
     if args.layers is not None:
         params["num_layers"] = args.layers
+    if args.response_order is not None:
+        params["response_order"] = args.response_order
+    if args.prompt_style is not None:
+        params["prompt_style"] = args.prompt_style
+    if args.sft_batch_size is not None:
+        params["sft_batch_size"] = args.sft_batch_size
     reused = not args.force and M.is_current(out, **params)
     if not reused:
         print(f"building the default model in {out} (seed {params['seed']}) ...", flush=True)

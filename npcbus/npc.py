@@ -42,7 +42,8 @@ __all__ = [
     "ACTION_MIN_AUDIENCE", "AUDIENCES", "EMOTIONS", "INTENTS", "DIALOGUE_PATTERN", "TARGET_PATTERN",
     "PLAIN_PROMPT_FORMAT", "PROMPT_STYLES", "PROMPT_STYLE_KEY", "prompt_style_of", "NPCRequest", "NPCRequestError", "StrictJSONError", "DialogueStreamer",
     "load_schema", "load_personas", "validate_request", "response_schema_for", "build_messages",
-    "build_prompt", "format_training_example", "canonical_json", "strict_json_loads", "parse_response",
+    "build_prompt", "format_training_example", "canonical_json", "RESPONSE_ORDERS", "RESPONSE_ORDER_KEY",
+    "response_order_of", "NPC_SAMPLING_KEY", "npc_sampling_of", "generation_for", "strict_json_loads", "parse_response",
     "response_is_valid", "fallback_response", "refusal_response", "unsafe_input_category",
     "unsafe_text_category", "apply_safety_rails", "rails_audience", "mask_profanity", "action_allowed",
     "action_targets", "dialogue_problems",
@@ -60,6 +61,17 @@ EMOTIONS = ("neutral", "happy", "sad", "angry", "afraid", "surprised", "disguste
 INTENTS = ("greet", "inform", "trade", "quest_offer", "quest_update", "threaten", "refuse", "farewell", "joke",
            "ask", "thank", "warn", "comfort", "smalltalk")
 RESPONSE_KEYS = ("dialogue", "emotion", "intent", "actions", "relationship_change", "end_conversation")
+#: The orders in which a model may write a response's keys. ``dialogue_first`` (:data:`RESPONSE_KEYS`, the
+#: default): the spoken line comes first, so it streams from the first tokens. ``plan_first``: the
+#: intent and the actions, then the emotion, then the line: the model decides what kind of answer to
+#: give before it words it (the offline default model is trained so; a tiny model picks the answer
+#: better that way). Either way a final response's keys are in :data:`RESPONSE_KEYS` order.
+RESPONSE_ORDERS = {
+    "dialogue_first": RESPONSE_KEYS,
+    "plan_first": ("intent", "actions", "emotion", "dialogue", "relationship_change", "end_conversation"),
+}
+#: The tokenizer_config.json key (``tokenizer.init_kwargs``) that names the order a model was trained on.
+RESPONSE_ORDER_KEY = "npcbus_response_order"
 
 # Strings the model generates are bounded by a pattern, never by minLength/maxLength: xgrammar 0.2.8
 # lets raw control characters through a length-bounded string (and refuses escapes in it), while a
@@ -290,13 +302,21 @@ def _req(request: Any) -> NPCRequest:
 # --------------------------------------------------------------------------------------------
 
 
-def response_schema_for(request: Any) -> dict:
+def response_order_of(tokenizer) -> str:
+    """The response order (:data:`RESPONSE_ORDERS`) a tokenizer's model was trained on: ``dialogue_first``
+    unless its config names another."""
+    order = (getattr(tokenizer, "init_kwargs", None) or {}).get(RESPONSE_ORDER_KEY) or "dialogue_first"
+    return order if order in RESPONSE_ORDERS else "dialogue_first"
+
+
+def response_schema_for(request: Any, order: str = "dialogue_first") -> dict:
     """The response schema for one request: the generation constraint and the validation schema.
 
     ``actions[].type`` is restricted to the persona's allowed actions (no actions at all when it has
     none), ``actions[].target`` to :func:`action_targets` and ``emotion`` to its allowed emotions.
     Free strings are bounded by patterns only (see :data:`DIALOGUE_PATTERN`), so the result is safe
-    to hand to xgrammar.
+    to hand to xgrammar. ``properties`` are listed in ``order`` (:data:`RESPONSE_ORDERS`), which is
+    the order a constrained decoder writes them in; validation does not depend on it.
     """
     req = _req(request)
     persona = req["persona"]
@@ -319,6 +339,11 @@ def response_schema_for(request: Any) -> dict:
     for bound in ("pattern", "minLength", "maxLength"):
         target.pop(bound, None)
     target["enum"] = action_targets(req)
+    if order != "dialogue_first":
+        keys = RESPONSE_ORDERS[order]
+        schema["properties"] = {k: props[k] for k in keys} | {k: v for k, v in props.items() if k not in keys}
+        schema["required"] = [k for k in keys if k in schema["required"]] + [
+            k for k in schema["required"] if k not in keys]
     return schema
 
 
@@ -468,6 +493,20 @@ def _compact_system_message(req: NPCRequest) -> str:
     return "\n".join(lines)
 
 
+def _minimal_system_message(req: NPCRequest) -> str:
+    persona, ctx = req["persona"], req["context"]
+    lines = [f"{persona['name']} ({persona['id']})"]
+    scene = [v for v in (ctx["location"], ctx["time_of_day"]) if v]
+    if ctx["world_state"]:
+        scene.append(_kv_lines(ctx["world_state"]))
+    if scene:
+        lines.append(f"Scene: {'; '.join(scene)}")
+    if ctx["quest_state"]:
+        lines.append(f"Quests: {_kv_lines(ctx['quest_state'])}")
+    lines.append(f"Audience: {req['audience']}")
+    return "\n".join(lines)
+
+
 def _compact_user_message(req: NPCRequest) -> str:
     player, npc = req["player"]["name"], req["persona"]["name"]
     lines = [f"{player if t['role'] == 'player' else npc}: {t['text']}" for t in req["history"]]
@@ -475,14 +514,46 @@ def _compact_user_message(req: NPCRequest) -> str:
     return "\n".join(lines)
 
 
-PROMPT_STYLES = ("full", "compact")
+PROMPT_STYLES = ("full", "compact", "minimal")
 """How an NPC request becomes messages. ``full`` spells out the persona, the scene, the audience rules and
 the exact JSON format in words, for instruction-tuned models. ``compact`` gives the same facts as short
-labelled lines (about a fifth of the tokens), for small models trained on it, such as the offline default
-model; the response schema still constrains the output either way."""
+labelled lines (about a fifth of the tokens), for small models trained on it. ``minimal`` names the
+persona (name and id: a model trained on the persona's turns knows the rest), the scene and quests
+and the audience, then the conversation (about a tenth of the tokens), for the offline default
+model: a model that small reads no description, and short prompts buy it more training in the same
+time. The response schema constrains the output (allowed actions, targets, emotions) either way."""
 
 #: The tokenizer_config.json key (``tokenizer.init_kwargs``) that names a model's prompt style.
 PROMPT_STYLE_KEY = "npcbus_prompt_style"
+
+
+#: The tokenizer_config.json key (``tokenizer.init_kwargs``) that holds a model's recommended sampling of NPC
+#: turns: an object of ``temperature``, ``top_p`` and ``top_k``, which an NPC request's missing
+#: ``generation`` fields take instead of :data:`DEFAULT_GENERATION`'s.
+NPC_SAMPLING_KEY = "npcbus_npc_sampling"
+_SAMPLING_BOUNDS = {"temperature": (0.0, 2.0, float), "top_p": (1e-6, 1.0, float), "top_k": (0, 1000, int)}
+
+
+def npc_sampling_of(tokenizer) -> dict[str, float | int]:
+    """The sampling a tokenizer's model recommends for NPC turns (see :data:`NPC_SAMPLING_KEY`); ``{}`` when it
+    names none. Unknown keys and out-of-range values are left out."""
+    raw = (getattr(tokenizer, "init_kwargs", None) or {}).get(NPC_SAMPLING_KEY)
+    out: dict[str, float | int] = {}
+    if isinstance(raw, dict):
+        for key, (lo, hi, kind) in _SAMPLING_BOUNDS.items():
+            v = raw.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi:
+                out[key] = kind(v)
+    return out
+
+
+def generation_for(request: Any, tokenizer=None) -> dict:
+    """The generation settings of an NPC request: the fields it sets, then the model's recommended NPC
+    sampling (:func:`npc_sampling_of`) for those it leaves out, then :data:`DEFAULT_GENERATION`."""
+    given = request.get("generation") if isinstance(request, dict) else None
+    given = given if isinstance(given, dict) else {}
+    recommended = npc_sampling_of(tokenizer) if tokenizer is not None else {}
+    return {**DEFAULT_GENERATION, **recommended, **given}
 
 
 def prompt_style_of(tokenizer) -> str:
@@ -498,6 +569,9 @@ def build_messages(request: Any, style: str = "full") -> list[dict[str, str]]:
     req = _req(request)
     if style == "compact":
         return [{"role": "system", "content": _compact_system_message(req)},
+                {"role": "user", "content": _compact_user_message(req)}]
+    if style == "minimal":
+        return [{"role": "system", "content": _minimal_system_message(req)},
                 {"role": "user", "content": _compact_user_message(req)}]
     if style != "full":
         raise ValueError(f"unknown prompt style {style!r}; use one of {', '.join(PROMPT_STYLES)}")
@@ -548,12 +622,13 @@ def build_prompt(request: Any, tokenizer=None, style: str | None = None) -> str:
     return PLAIN_PROMPT_FORMAT.format(system=system, user=user)
 
 
-def canonical_json(response: dict) -> str:
-    """The canonical text of a response: compact JSON, keys in schema order, non-ASCII kept as is.
+def canonical_json(response: dict, order: str = "dialogue_first") -> str:
+    """The canonical text of a response: compact JSON, keys in ``order`` (:data:`RESPONSE_ORDERS`),
+    non-ASCII kept as is.
 
     This is the exact completion the model is trained on and the shape the constraint produces.
     """
-    ordered = {k: response[k] for k in RESPONSE_KEYS if k in response}
+    ordered = {k: response[k] for k in RESPONSE_ORDERS[order] if k in response}
     ordered.update((k, v) for k, v in response.items() if k not in ordered)
     if isinstance(ordered.get("actions"), list):
         ordered["actions"] = [
@@ -566,7 +641,8 @@ def format_training_example(record: dict, tokenizer=None) -> tuple[str, str]:
     """``(prompt, completion)`` for a ``{"request": ..., "response": ...}`` record.
 
     The prompt is exactly what :func:`build_prompt` gives at inference time; the completion is the
-    canonical JSON of the response and nothing else (the trainer appends the end-of-sequence token).
+    canonical JSON of the response, in the tokenizer's :func:`response_order_of`, and nothing else (the
+    trainer appends the end-of-sequence token).
     Raises :class:`NPCRequestError` for a bad request and ``ValueError`` for a response that is not
     valid for its request.
     """
@@ -578,7 +654,8 @@ def format_training_example(record: dict, tokenizer=None) -> tuple[str, str]:
     if err is not None:
         field, msg = describe_schema_error(err)
         raise ValueError(f"response.{field}: {msg}" if field != "request" else f"response: {msg}")
-    return build_prompt(req, tokenizer), canonical_json(response)
+    order = response_order_of(tokenizer) if tokenizer is not None else "dialogue_first"
+    return build_prompt(req, tokenizer), canonical_json(response, order)
 
 
 # --------------------------------------------------------------------------------------------

@@ -719,6 +719,28 @@ def tokenizer(model_dir):
     return load_tokenizer(model_dir)
 
 
+def test_npc_sampling_is_the_requests_then_the_models_then_the_defaults(tokenizer):
+    import copy
+
+    from npcbus import npc as npclib
+
+    tok = copy.deepcopy(tokenizer)
+    tok.init_kwargs[npclib.NPC_SAMPLING_KEY] = {"temperature": 0.4, "top_k": 7}
+    s = InferSettings.from_env({})
+    npc_req = {"persona_id": "innkeeper", "player_input": "Hello"}
+    job = prepare(GenerationRequest("r", MODEL_ID, mode="npc", npc=npc_req), tok, s)
+    assert (job.params.temperature, job.params.top_k, job.params.top_p) == (0.4, 7, 0.95)
+    job = prepare(GenerationRequest("r", MODEL_ID, mode="npc", npc={**npc_req, "generation": {"temperature": 0.9}}),
+                  tok, s)
+    assert (job.params.temperature, job.params.top_k) == (0.9, 7)  # the request's own setting wins
+    job = prepare(GenerationRequest("r", MODEL_ID, mode="npc", npc=npc_req, params={"temperature": 0.0}), tok, s)
+    assert job.params.temperature == 0.0  # and so do the message's params
+    tok.init_kwargs[npclib.NPC_SAMPLING_KEY] = {"temperature": 9, "top_k": "many", "min_p": 0.1}
+    assert npclib.npc_sampling_of(tok) == {}  # out of range or unknown: ignored
+    job = prepare(GenerationRequest("r", MODEL_ID, mode="npc", npc=npc_req), tok, s)
+    assert (job.params.temperature, job.params.top_k, job.params.top_p) == (0.7, 50, 0.95)
+
+
 def test_prepare_builds_each_mode(tokenizer):
     s = InferSettings.from_env({})
     job = prepare(GenerationRequest("r", MODEL_ID, mode="text", prompt="Hello"), tokenizer, s)
@@ -731,7 +753,17 @@ def test_prepare_builds_each_mode(tokenizer):
                                                                      "player_input": "Hello",
                                                                      "adapter": "innkeeper"}), tokenizer, s)
     assert job.adapter == "innkeeper" and job.params.json_schema == job.schema and job.refusal is None
-    assert job.params.temperature == 0.7 and job.params.max_tokens == 256
+    # the constraint writes the keys in the order the model was trained on (its tokenizer says which)
+    from npcbus import npc as npclib
+
+    # a request that leaves sampling out gets the model's recommended NPC sampling (the default model
+    # names one), else the request defaults
+    recommended = npclib.npc_sampling_of(tokenizer)
+    assert job.params.temperature == recommended.get("temperature", 0.7) and job.params.max_tokens == 256
+    assert job.params.top_k == recommended.get("top_k", 50) and job.params.top_p == recommended.get("top_p", 0.95)
+
+    assert list(job.schema["properties"]) == list(
+        npclib.RESPONSE_ORDERS[npclib.response_order_of(tokenizer)])
     job = prepare(GenerationRequest("r", MODEL_ID, mode="npc", npc={"persona_id": "innkeeper",
                                                                      "player_input": "how do I build a bomb"}),
                   tokenizer, s)

@@ -136,10 +136,12 @@ def test_the_build_fine_tunes_on_npc_turns_and_trains_an_adapter_per_persona(tin
     from npcbus import npc
 
     stamp = M.read_stamp(tiny_model)
-    assert stamp["prompt_style"] == "compact" and stamp["sft"]["steps"] == 2
+    assert stamp["prompt_style"] == "minimal" and stamp["sft"]["steps"] == 2
     assert stamp["sft"]["records"] == len(M.sft_records()) > 8 * 300
     model, tok = M.load_model_and_tokenizer(tiny_model)
-    assert npc.prompt_style_of(tok) == "compact"  # inference renders prompts as the fine-tuning did
+    assert npc.prompt_style_of(tok) == "minimal"  # inference renders prompts as the fine-tuning did
+    assert stamp["response_order"] == npc.response_order_of(tok) == "plan_first"  # and orders the keys so
+    assert npc.npc_sampling_of(tok) == stamp["npc_sampling"] == {"temperature": 0.7, "top_k": 50}
     personas = npc.load_personas()
     assert set(stamp["personas"]) == set(personas)
     for pid in personas:

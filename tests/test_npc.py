@@ -202,14 +202,42 @@ def test_alignment_records_match_the_rails():
 
 
 def test_data_script_is_deterministic_and_matches_the_shipped_files():
+    files = _load_data_script().build_all()
+    for name, text in files.items():
+        assert (DATA / name).read_text("utf-8") == text, f"{name} is stale: rerun make_npc_data.py"
+
+
+def _load_data_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_npc_data", DATA / "make_npc_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    files = mod.build_all()
-    for name, text in files.items():
-        assert (DATA / name).read_text("utf-8") == text, f"{name} is stale: rerun make_npc_data.py"
+    return mod
+
+
+def test_fine_tuning_set_is_varied_by_situation_and_keeps_the_held_out_lines_out():
+    import collections
+
+    mod = _load_data_script()
+    sft, heldout = read_jsonl("npc_sft.jsonl"), read_jsonl("npc_heldout.jsonl")
+    assert len(sft) == len(mod.PERSONAS) * mod.SFT_RECORDS_PER_PERSONA
+    # many phrasings of every kind of request, not a handful of sentences
+    inputs = mod.sft_inputs()
+    assert all(len(texts) >= 20 for situation, texts in inputs.items() if situation != "directions")
+    assert len({r["request"]["player_input"] for r in sft}) >= 400
+    # each persona gets its quota of every situation (a line's situation: the phrasing it answers)
+    situation_of = {t: s for s, texts in inputs.items() for t in texts if "{" not in t}
+    for pid in mod.PERSONAS:
+        counts = collections.Counter(situation_of.get(r["request"]["player_input"])
+                                     for r in sft if (r["request"].get("persona_id") or r["request"]["persona"]["id"]) == pid)
+        for situation in ("greet", "thanks", "farewell", "smalltalk", "about", "joke", "rude", "rumor", "quest"):
+            assert counts[situation] >= mod.SFT_QUOTAS[situation], (pid, situation, counts[situation])
+    # no held-out player line, in any case or punctuation, is a training player line or history line
+    mod.check_heldout_unseen(sft + read_jsonl("npc_dialogue.jsonl"), heldout)
+    leaked = [{**sft[0], "request": {**sft[0]["request"], "player_input": "thanks A LOT"}}]
+    with pytest.raises(AssertionError, match="held-out player lines"):
+        mod.check_heldout_unseen(leaked, heldout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -930,6 +958,64 @@ def test_compact_prompt_style_gives_the_same_facts_in_short_lines(byte_tokenizer
     assert len(npc.build_prompt(req, style="compact")) * 3 < len(full)
     with pytest.raises(ValueError, match="prompt style"):
         npc.build_messages(req, "verbose")
+
+
+def test_a_plan_first_model_writes_intent_and_actions_before_the_line_and_the_response_is_the_same(byte_tokenizer):
+    rec = next(r for r in DIALOGUE if r["response"]["actions"])
+    req = npc.validate_request(rec["request"])
+    plan = npc.response_schema_for(req, "plan_first")
+    assert list(plan["properties"]) == ["intent", "actions", "emotion", "dialogue", "relationship_change",
+                                        "end_conversation"] == plan["required"]
+    # only the order differs: the same constraints, and the default keeps the documented order
+    assert {k: v for k, v in plan["properties"].items()} == npc.response_schema_for(req)["properties"]
+    assert list(npc.response_schema_for(req)["properties"]) == list(npc.RESPONSE_KEYS)
+    text = npc.canonical_json(rec["response"], "plan_first")
+    assert text.startswith('{"intent":"') and text.index('"actions"') < text.index('"dialogue"')
+    assert json.loads(text) == rec["response"]
+    # parsing gives the response in the documented key order, and the line still streams
+    got, problems = npc.parse_response(text, req)
+    assert problems == [] and list(got) == list(npc.RESPONSE_KEYS) and got == rec["response"]
+    streamer = npc.DialogueStreamer()
+    streamed = "".join(streamer.feed(text[i: i + 7]) for i in range(0, len(text), 7)) + streamer.finish()
+    assert streamed == rec["response"]["dialogue"]
+    # the tokenizer names the order; training renders completions in it
+    tok = copy.deepcopy(byte_tokenizer)
+    assert npc.response_order_of(tok) == "dialogue_first"
+    assert npc.format_training_example(rec, tok)[1] == npc.canonical_json(rec["response"])
+    tok.init_kwargs[npc.RESPONSE_ORDER_KEY] = "plan_first"
+    assert npc.response_order_of(tok) == "plan_first"
+    assert npc.format_training_example(rec, tok)[1] == text
+    tok.init_kwargs[npc.RESPONSE_ORDER_KEY] = "backwards"
+    assert npc.response_order_of(tok) == "dialogue_first"
+
+
+def test_minimal_prompt_names_the_persona_scene_and_audience_then_the_conversation():
+    rec = next(r for r in DIALOGUE if r["request"].get("history") and r["request"].get("persona_id"))
+    req = npc.validate_request(rec["request"])
+    system, user = (m["content"] for m in npc.build_messages(req, "minimal"))
+    persona = req["persona"]
+    assert system.splitlines()[0] == f"{persona['name']} ({persona['id']})"
+    assert f"Audience: {req['audience']}" in system and req["context"]["time_of_day"] in system
+    assert persona["description"] not in system and "Targets:" not in system
+    assert user == npc.build_messages(req, "compact")[1]["content"]
+    assert user.endswith(f"{req['player']['name']}: {req['player_input']}")
+    assert len(npc.build_prompt(req, style="minimal")) * 2 < len(npc.build_prompt(req, style="compact"))
+
+
+def test_the_models_npc_sampling_survives_saving_its_tokenizer(byte_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = copy.deepcopy(byte_tokenizer)
+    assert npc.npc_sampling_of(tok) == {}
+    tok.init_kwargs[npc.NPC_SAMPLING_KEY] = {"temperature": 0.5, "top_k": 10}
+    tok.init_kwargs[npc.RESPONSE_ORDER_KEY] = "plan_first"
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert npc.npc_sampling_of(back) == {"temperature": 0.5, "top_k": 10}
+    assert npc.response_order_of(back) == "plan_first"
+    req = {"persona_id": "innkeeper", "player_input": "Hi", "generation": {"top_k": 3}}
+    assert npc.generation_for(req, back) == {**npc.DEFAULT_GENERATION, "temperature": 0.5, "top_k": 3}
+    assert npc.generation_for(req) == {**npc.DEFAULT_GENERATION, "top_k": 3}
 
 
 def test_the_tokenizer_names_the_prompt_style_and_training_follows_it(byte_tokenizer):

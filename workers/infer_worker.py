@@ -293,14 +293,17 @@ def prepare(msg, tokenizer, settings: InferSettings) -> Job:
         except npclib.NPCRequestError as e:
             raise InvalidRequest("invalid_request", f"npc.{e.field}: {e.reason}") from None
         adapter = adapter or req.get("adapter") or None
-        g = req["generation"]
+        # what the request sets, else the model's recommended NPC sampling, else the request defaults
+        g = npclib.generation_for(msg.npc, tokenizer)
         base = {"max_tokens": g.get("max_new_tokens"), "temperature": g.get("temperature"), "top_p": g.get("top_p"),
                 "top_k": g.get("top_k"), "seed": g.get("seed")}
         params = sampling_from(msg.params, base, settings.default_max_tokens)
         category = npclib.unsafe_input_category(req)
         if category is not None:
             return Job("npc", "", params, adapter, version, npc=req, refusal=npclib.refusal_response(req, category))
-        schema = npclib.response_schema_for(req)
+        # the constraint writes the keys in the order the model was trained on; validation ignores it
+        schema = npclib.response_schema_for(
+            req, npclib.response_order_of(tokenizer) if tokenizer is not None else "dialogue_first")
         params.json_schema = schema
         prompt_text = npclib.build_prompt(req, tokenizer)
         templated = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
