@@ -74,6 +74,14 @@ class LoopSettings(Settings):
     task_deadline_s: float = env_field("LOOP_TASK_DEADLINE_S", 0.0, "Tasks not trained within this many seconds are dropped (0: no deadline).",
                                        check=lambda x: x >= 0, check_msg="must be >= 0")
     in_aggregator: bool = env_field("LOOP_IN_AGGREGATOR", False, "Run the loop inside `npcbus aggregator` instead of as `npcbus loop`.")
+    rehearsal: float = env_field(
+        "LOOP_REHEARSAL", 1.0, "Written turns added to each task per accepted experience (rehearsal): the adapter's "
+        "persona's turns from LOOP_REHEARSAL_DATA, so that training on the model's own well-rated replies does not "
+        "narrow it to them. 0: experience only.", check=lambda x: 0 <= x <= 10, check_msg="must be between 0 and 10")
+    rehearsal_data: str = env_field(
+        "LOOP_REHEARSAL_DATA", "", "JSONL of {request, response} turns to rehearse; empty: the shipped fine-tuning turns "
+        "(npcbus/data_files/npc_sft.jsonl). A persona adapter (named by its persona id) rehearses that persona's turns, "
+        "any other adapter all of them.")
     tick_s: float = env_field("LOOP_TICK_S", 1.0, "How often waiting batches are checked.", check=lambda x: 0 < x <= 60,
                               check_msg="must be > 0 and <= 60")
 
@@ -120,6 +128,44 @@ def training_record(exp) -> dict:
     return {"request": exp.npc, "response": exp.response}
 
 
+def load_rehearsal(path: str = "") -> dict[str, list[dict]]:
+    """Turns to rehearse by persona id (``path``, or the shipped fine-tuning turns); raises ``ValueError``
+    on a file that holds no ``{request, response}`` record."""
+    from pathlib import Path
+
+    from npcbus.model import DATA_DIR, SFT_FILE, persona_of
+
+    src = Path(path) if path else DATA_DIR / SFT_FILE
+    pool: dict[str, list[dict]] = {}
+    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            record = {"request": rec["request"], "response": rec["response"]}
+            pool.setdefault(persona_of(record), []).append(record)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{src}:{n}: not a {{request, response}} NPC turn ({type(e).__name__}: {e})") from None
+    if not pool:
+        raise ValueError(f"{src}: no turns to rehearse")
+    return pool
+
+
+def rehearsal_records(pool: dict[str, list[dict]], adapter: str, count: int, seed: str) -> list[dict]:
+    """``count`` turns for ``adapter``'s task: its persona's when the adapter is named by a persona id, else
+    any persona's; drawn without repeats (while they last) in an order fixed by ``seed``."""
+    import random
+
+    if count <= 0 or not pool:
+        return []
+    source = pool.get(adapter) or [r for group in pool.values() for r in group]
+    rng = random.Random(seed)
+    out: list[dict] = []
+    while len(out) < count:
+        out += rng.sample(source, min(len(source), count - len(out)))
+    return out
+
+
 def batch_task_id(experience_ids) -> str:
     """A task id fixed by the batch's experience ids (a re-published batch gets the same id)."""
     return hashlib.sha256("\n".join(sorted(experience_ids)).encode()).hexdigest()[:16]
@@ -157,12 +203,15 @@ class ExperienceLoop:
         self.lock = asyncio.Lock()
         self.log = get_logger("aggregator.loop")
         self.tasks_published: list = []
+        self._rehearsal: dict[str, list[dict]] | None = None
         self._tick: asyncio.Task | None = None
         self._consumer = None
         _metrics()
 
     async def start(self) -> None:
         topo = self.bus.topology
+        if self.settings.rehearsal > 0:
+            self._rehearsal = await asyncio.to_thread(load_rehearsal, self.settings.rehearsal_data)
         await self.bus.declare_topology(queues=[topo.experience_queue, topo.tasks_queue])
         self._consumer = await self.bus.consume(topo.experience_queue, self._on_experience, prefetch=self.settings.prefetch)
         self._tick = asyncio.create_task(self._tick_loop(), name="loop-tick")
@@ -223,9 +272,11 @@ class ExperienceLoop:
         s = self.settings
         items = list(batch.items.items())[: s.batch_size]
         ids = [eid for eid, _ in items]
-        task = build_tasks(adapter, examples=[p.record for _, p in items], num_tasks=1, steps=s.steps,
+        task_id = batch_task_id(ids)
+        rehearse = rehearsal_records(self._rehearsal or {}, adapter, round(s.rehearsal * len(items)), task_id)
+        task = build_tasks(adapter, examples=[p.record for _, p in items] + rehearse, num_tasks=1, steps=s.steps,
                            hyperparams=s.hyperparams_dict(), lease_s=s.lease_s,
-                           deadline_s=s.task_deadline_s or None, task_ids=[batch_task_id(ids)])[0]
+                           deadline_s=s.task_deadline_s or None, task_ids=[task_id])[0]
         log = self.log.bind(adapter=adapter, task_id=task.task_id)
         try:
             await publish_task_messages(self.bus, [task])
@@ -238,7 +289,8 @@ class ExperienceLoop:
         M.pending.labels(adapter).set(len(batch.items))
         M.tasks.labels(adapter, why).inc()
         self.tasks_published.append(task)
-        log.info("training task published from experience", examples=len(items), why=why, steps=task.steps)
+        log.info("training task published from experience", examples=len(items), rehearsal=len(rehearse), why=why,
+                 steps=task.steps)
         return True
 
     async def _tick_loop(self) -> None:

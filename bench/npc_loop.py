@@ -1,7 +1,7 @@
 """The learning half of the NPC quality benchmark: do adapter versions trained from well-rated
 experience score better on bench.npc's held-out cases than the version they started from?
 
-    python -m bench.npc_loop [--quick] [--lines N] [--personas a,b,...] [--steps N] [--lr X]
+    python -m bench.npc_loop [--quick] [--lines N] [--personas a,b,...] [--steps N] [--lr X] [--rehearsal X]
                              [--cases FILE] [--limit N] [--replies FILE.jsonl]
 
 One throw-away namespace on the RabbitMQ at ``AMQP_URL`` runs the real services in this process, on
@@ -164,8 +164,8 @@ class System:
     """Aggregator, feedback loop, training worker and inference consumer on one namespace."""
 
     def __init__(self, model_dir: str, personas: list[str], *, steps: int, lr: float, concurrency: int,
-                 engine: str, work: Path):
-        self.model_dir, self.personas, self.work = model_dir, personas, work
+                 engine: str, work: Path, rehearsal: float = 0.0):
+        self.model_dir, self.personas, self.work, self.rehearsal = model_dir, personas, work, rehearsal
         self.steps, self.lr, self.concurrency, self.engine_kind = steps, lr, concurrency, engine
         self.ns = f"bench-npcloop-{uuid.uuid4().hex[:8]}"
         self.parts: list = []
@@ -195,7 +195,7 @@ class System:
         self.loop_bus = Bus(self.bus_settings, name="bench-npcloop-loop")
         await self.loop_bus.connect()
         self.loop = ExperienceLoop(self.loop_bus, LoopSettings.from_env(
-            {}, batch_size=10_000, min_batch=1, max_wait_s=3.0, tick_s=0.5, steps=self.steps,
+            {}, batch_size=10_000, min_batch=1, max_wait_s=3.0, tick_s=0.5, steps=self.steps, rehearsal=self.rehearsal,
             hyperparams=json.dumps({"lr": self.lr, "batch_size": 4, "lr_schedule": "constant"})))
         await self.loop.start()
         self.trainer = TrainWorker(TrainWorkerSettings.from_env({}, worker_id="bench-npcloop",
@@ -282,7 +282,8 @@ class System:
 
 
 def run(*, personas: list[str], lines: int, cases_path: str | None, limit: int | None, max_tokens: int,
-        steps: int, lr: float, concurrency: int, engine: str, replies: str | None, timeout_s: float) -> dict:
+        steps: int, lr: float, concurrency: int, engine: str, replies: str | None, timeout_s: float,
+        rehearsal: float = 0.0) -> dict:
     from npcbus import quality as Q
     from npcbus.messages import FinalResponse
     from npcbus.model import persona_of
@@ -298,7 +299,7 @@ def run(*, personas: list[str], lines: int, cases_path: str | None, limit: int |
 
     async def main():
         work = Path(tempfile.mkdtemp(prefix="bench-npcloop-"))
-        async with System(model_dir, personas, steps=steps, lr=lr, concurrency=concurrency, engine=engine,
+        async with System(model_dir, personas, steps=steps, lr=lr, concurrency=concurrency, engine=engine, rehearsal=rehearsal,
                           work=work) as sys_:
             t0 = time.monotonic()
             played = await sys_.ask(play, {}, max_tokens, "play")
@@ -334,7 +335,14 @@ def run(*, personas: list[str], lines: int, cases_path: str | None, limit: int |
         cases, errors = B.to_cases(results)
         reports[name] = {**Q.measure(cases, embedder, vocab), "errors": errors}
     return {"reports": reports, "newest": newest, "thumbs_up": sum(s > 0 for s in scores),
-            "thumbs_down": sum(s < 0 for s in scores), "played": len(played), "cases": len(held)}
+            "thumbs_down": sum(s < 0 for s in scores), "played": len(played), "cases": len(held),
+            "rehearsal": rehearsal}
+
+
+def _loop_default_rehearsal() -> float:
+    from aggregator.loop import LoopSettings
+
+    return LoopSettings.from_env({}).rehearsal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="generation length (default 256; --quick 160)")
     p.add_argument("--steps", type=int, default=None, help="training steps per task (default 30; --quick 10)")
     p.add_argument("--lr", type=float, default=1e-3, help="training learning rate (default 1e-3)")
+    p.add_argument("--rehearsal", type=float, default=None,
+                   help="the loop's LOOP_REHEARSAL: written turns of the persona added per thumbs-up reply "
+                        "(default: the loop's default, 1)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; --quick 8)")
     p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"), help="inference engine")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the new versions")
@@ -363,11 +374,12 @@ def main(argv: list[str] | None = None) -> int:
                  limit=args.limit if args.limit is not None else (16 if args.quick else None),
                  max_tokens=args.max_tokens or (160 if args.quick else 256),
                  steps=args.steps or (10 if args.quick else 30), lr=args.lr,
+                 rehearsal=args.rehearsal if args.rehearsal is not None else _loop_default_rehearsal(),
                  concurrency=args.concurrency or (8 if args.quick else 16), engine=args.engine,
                  replies=args.replies, timeout_s=args.timeout)
     log(B.table({"variants": result["reports"], "reference": None}))
     log(f"total {time.monotonic() - t0:.1f} s")
-    extra = {"versions": result["newest"], "quick": args.quick}
+    extra = {"versions": result["newest"], "rehearsal": result["rehearsal"], "quick": args.quick}
     print(json.dumps({"bench": "npc_loop.experience", "value": result["thumbs_up"], "baseline": result["played"],
                       "ratio": round(result["thumbs_up"] / result["played"], 4), "goal": "report", "met": None,
                       "thumbs_down": result["thumbs_down"], **extra}), flush=True)

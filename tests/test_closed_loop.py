@@ -6,11 +6,12 @@ inference consumer swaps to it; the next chat turn is answered by version N+1 an
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
-from aggregator.loop import LoopSettings, batch_task_id, judge, training_record
+from aggregator.loop import LoopSettings, batch_task_id, judge, load_rehearsal, rehearsal_records, training_record
 from npcbus.messages import Experience
 
 from .conftest import broker_up
@@ -41,6 +42,29 @@ def test_which_experience_becomes_training_data():
     assert batch_task_id(["b", "a"]) == batch_task_id(["a", "b"]) != batch_task_id(["a"])
     with pytest.raises(Exception, match="LOOP_MIN_BATCH"):
         LoopSettings.from_env({"LOOP_BATCH_SIZE": "2", "LOOP_MIN_BATCH": "3"})
+
+
+def test_rehearsal_adds_the_adapters_persona_turns_in_a_fixed_order(tmp_path):
+    from npcbus.model import persona_of, sft_records
+
+    pool = load_rehearsal()  # the shipped fine-tuning turns, by persona
+    assert sum(map(len, pool.values())) == len(sft_records()) and "innkeeper" in pool
+    got = rehearsal_records(pool, "innkeeper", 5, "task-a")
+    assert len(got) == 5 and all(persona_of(r) == "innkeeper" for r in got)
+    assert len({json.dumps(r, sort_keys=True) for r in got}) == 5  # no repeats while they last
+    assert got == rehearsal_records(pool, "innkeeper", 5, "task-a") != rehearsal_records(pool, "innkeeper", 5, "task-b")
+    # an adapter that is no persona's rehearses any persona's turns; 0 adds none
+    assert len({persona_of(r) for r in rehearsal_records(pool, "npc", 40, "t")}) > 1
+    assert rehearsal_records(pool, "npc", 0, "t") == []
+    # more than the pool holds: every turn, then again
+    small = {"x": [{"request": {"persona_id": "x", "player_input": "hi"}, "response": {"dialogue": "Hello there."}}]}
+    assert len(rehearsal_records(small, "x", 3, "t")) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"request": {"persona_id": "x"}}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_rehearsal(str(bad))
+    with pytest.raises(Exception, match="LOOP_REHEARSAL"):
+        LoopSettings.from_env({"LOOP_REHEARSAL": "-1"})
 
 
 @pytest.mark.broker
