@@ -75,7 +75,7 @@ class LoopSettings(Settings):
                                        check=lambda x: x >= 0, check_msg="must be >= 0")
     in_aggregator: bool = env_field("LOOP_IN_AGGREGATOR", False, "Run the loop inside `npcbus aggregator` instead of as `npcbus loop`.")
     rehearsal: float = env_field(
-        "LOOP_REHEARSAL", 1.0, "Written turns added to each task per accepted experience (rehearsal): the adapter's "
+        "LOOP_REHEARSAL", 0.0, "Written turns added to each task per accepted experience (rehearsal): the adapter's "
         "persona's turns from LOOP_REHEARSAL_DATA, so that training on the model's own well-rated replies does not "
         "narrow it to them. 0: experience only.", check=lambda x: 0 <= x <= 10, check_msg="must be between 0 and 10")
     rehearsal_data: str = env_field(

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="training learning rate (default 1e-3)")
     p.add_argument("--rehearsal", type=float, default=None,
                    help="the loop's LOOP_REHEARSAL: written turns of the persona added per thumbs-up reply "
-                        "(default: the loop's default, 1)")
+                        "(default: the loop's default, 0)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; --quick 8)")
     p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"), help="inference engine")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the new versions")
