@@ -477,13 +477,7 @@ def _compact_system_message(req: NPCRequest) -> str:
         lines.append(f"Traits: {', '.join(persona['traits'])}.")
     if persona["speaking_style"]:
         lines.append(f"Style: {persona['speaking_style']}")
-    scene = [v for v in (ctx["location"], ctx["time_of_day"]) if v]
-    if ctx["world_state"]:
-        scene.append(_kv_lines(ctx["world_state"]))
-    if scene:
-        lines.append(f"Scene: {'; '.join(scene)}")
-    if ctx["quest_state"]:
-        lines.append(f"Quests: {_kv_lines(ctx['quest_state'])}")
+    lines += _scene_lines(ctx)
     if ctx["notes"]:
         lines.append(f"Notes: {ctx['notes']}")
     lines.append(f"Audience: {req['audience']}")
@@ -493,9 +487,9 @@ def _compact_system_message(req: NPCRequest) -> str:
     return "\n".join(lines)
 
 
-def _minimal_system_message(req: NPCRequest) -> str:
-    persona, ctx = req["persona"], req["context"]
-    lines = [f"{persona['name']} ({persona['id']})"]
+def _scene_lines(ctx: dict) -> list[str]:
+    """``Scene:`` (location, time, world state) and ``Quests:`` lines of the short prompt styles."""
+    lines = []
     scene = [v for v in (ctx["location"], ctx["time_of_day"]) if v]
     if ctx["world_state"]:
         scene.append(_kv_lines(ctx["world_state"]))
@@ -503,6 +497,12 @@ def _minimal_system_message(req: NPCRequest) -> str:
         lines.append(f"Scene: {'; '.join(scene)}")
     if ctx["quest_state"]:
         lines.append(f"Quests: {_kv_lines(ctx['quest_state'])}")
+    return lines
+
+
+def _minimal_system_message(req: NPCRequest) -> str:
+    persona = req["persona"]
+    lines = [f"{persona['name']} ({persona['id']})", *_scene_lines(req["context"])]
     lines.append(f"Audience: {req['audience']}")
     return "\n".join(lines)
 
