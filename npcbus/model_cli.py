@@ -52,15 +52,17 @@ def run(args: argparse.Namespace) -> int:
     if args.hidden_size is not None and (args.hidden_size < 64 or args.hidden_size % 64):
         print("npcbus model init: --hidden-size must be a multiple of 64 (heads of 64)")
         return 2
-    if args.layers is not None and args.layers < 1:
-        print("npcbus model init: --layers must be >= 1")
+    if any(v is not None and v < 1 for v in (args.layers, args.sft_batch_size)):
+        print("npcbus model init: --layers and --sft-batch-size must be >= 1")
         return 2
 
     from npcbus import model as M
 
     out = Path(args.dir if args.dir is not None else ms.model_dir).expanduser().resolve()
     params = {"seed": args.seed if args.seed is not None else ms.model_seed}
-    for arg, name in (("steps", "train_steps"), ("sft_steps", "sft_steps"), ("persona_steps", "persona_steps")):
+    for arg, name in (("steps", "train_steps"), ("sft_steps", "sft_steps"), ("persona_steps", "persona_steps"),
+                      ("layers", "num_layers"), ("sft_batch_size", "sft_batch_size"),
+                      ("prompt_style", "prompt_style"), ("response_order", "response_order")):
         if getattr(args, arg) is not None:
             params[name] = getattr(args, arg)
     if args.hidden_size is not None:
@@ -68,14 +70,6 @@ def run(args: argparse.Namespace) -> int:
         heads = args.hidden_size // 64
         params.update(hidden_size=args.hidden_size, num_heads=heads, num_kv_heads=heads,
                       intermediate_size=16 * round(args.hidden_size * 688 / 256 / 16))
-    if args.layers is not None:
-        params["num_layers"] = args.layers
-    if args.response_order is not None:
-        params["response_order"] = args.response_order
-    if args.prompt_style is not None:
-        params["prompt_style"] = args.prompt_style
-    if args.sft_batch_size is not None:
-        params["sft_batch_size"] = args.sft_batch_size
     reused = not args.force and M.is_current(out, **params)
     if not reused:
         print(f"building the default model in {out} (seed {params['seed']}) ...", flush=True)

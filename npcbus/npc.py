@@ -304,7 +304,7 @@ def _req(request: Any) -> NPCRequest:
 
 def response_order_of(tokenizer) -> str:
     """The response order (:data:`RESPONSE_ORDERS`) a tokenizer's model was trained on: ``dialogue_first``
-    unless its config names another."""
+    unless its config names another (or there is no tokenizer)."""
     order = (getattr(tokenizer, "init_kwargs", None) or {}).get(RESPONSE_ORDER_KEY) or "dialogue_first"
     return order if order in RESPONSE_ORDERS else "dialogue_first"
 
@@ -552,8 +552,7 @@ def generation_for(request: Any, tokenizer=None) -> dict:
     sampling (:func:`npc_sampling_of`) for those it leaves out, then :data:`DEFAULT_GENERATION`."""
     given = request.get("generation") if isinstance(request, dict) else None
     given = given if isinstance(given, dict) else {}
-    recommended = npc_sampling_of(tokenizer) if tokenizer is not None else {}
-    return {**DEFAULT_GENERATION, **recommended, **given}
+    return {**DEFAULT_GENERATION, **npc_sampling_of(tokenizer), **given}
 
 
 def prompt_style_of(tokenizer) -> str:
@@ -654,8 +653,7 @@ def format_training_example(record: dict, tokenizer=None) -> tuple[str, str]:
     if err is not None:
         field, msg = describe_schema_error(err)
         raise ValueError(f"response.{field}: {msg}" if field != "request" else f"response: {msg}")
-    order = response_order_of(tokenizer) if tokenizer is not None else "dialogue_first"
-    return build_prompt(req, tokenizer), canonical_json(response, order)
+    return build_prompt(req, tokenizer), canonical_json(response, response_order_of(tokenizer))
 
 
 # --------------------------------------------------------------------------------------------

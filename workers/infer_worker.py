@@ -302,8 +302,7 @@ def prepare(msg, tokenizer, settings: InferSettings) -> Job:
         if category is not None:
             return Job("npc", "", params, adapter, version, npc=req, refusal=npclib.refusal_response(req, category))
         # the constraint writes the keys in the order the model was trained on; validation ignores it
-        schema = npclib.response_schema_for(
-            req, npclib.response_order_of(tokenizer) if tokenizer is not None else "dialogue_first")
+        schema = npclib.response_schema_for(req, npclib.response_order_of(tokenizer))
         params.json_schema = schema
         prompt_text = npclib.build_prompt(req, tokenizer)
         templated = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
