@@ -32,8 +32,9 @@ One JSON line per figure and variant, ``{"bench": "npc.<figure>", "variant": ...
 "baseline", "ratio", "goal", "met", ...}``. Goals (``goal_on`` says which number they are on):
 well-formed >= 0.95, fallback <= 0.02, distinct >= 0.90, relevance ratio >= 1.2 (against the
 same replies shuffled across cases), persona consistency >= 0.8, action validity 1.0;
-in-vocabulary and request match (the reply has the intent of the case's reference and, where it
-acts, the same kind of action) are reported. Baselines, measured in the same run: the shuffled
+in-vocabulary, request match (the reply has the intent of the case's reference and, where it
+acts, the same kind of action) and player name (of the replies that name a player, the share that
+name the right one; ``naming``: the share that name one at all) are reported. Baselines, measured in the same run: the shuffled
 replies for relevance, chance (1 / personas) for persona consistency, the same replies judged
 against other cases' references for request match, and for the other figures the held-out
 reference responses of the same cases. ``compared_with`` gives the same figure of the variant that
@@ -394,6 +395,8 @@ def figure_lines(result: dict, **extra) -> list[dict]:
                     "baseline": None if baseline is None else round(baseline, 4),
                     "ratio": None if ratio is None else round(ratio, 4), "goal": goal,
                     "met": Q.goal_met(name, value, ratio), "goal_on": on, "baseline_is": baseline_is}
+            if "naming" in fig:
+                line["naming"] = None if fig["naming"] is None else round(fig["naming"], 4)
             other = result["compared_with"].get(vname)
             if other in variants:
                 o = variants[other][name]

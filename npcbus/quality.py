@@ -16,7 +16,11 @@ needed to judge it: the persona's id and description, the player's line, the res
 - :func:`persona_consistency`: the share of replies closer to their own persona's description than
   to any other persona's description;
 - :func:`action_validity`: the share of actions whose type the persona allows and whose target is
-  one of the allowed targets (1.0 when there are no actions).
+  one of the allowed targets (1.0 when there are no actions);
+- :func:`request_match`: the share of replies with the intent (and kind of action) of the case's
+  written reference;
+- :func:`player_name_accuracy`: of the replies that name a player (the case's player or any player
+  name in the shipped data, :func:`known_player_names`), the share that name only the right one.
 
 The embedding figures take ``embed``: any callable from a list of texts to an array of unit
 vectors, one row per text; :class:`Embedder` is the real one (all-MiniLM-L6-v2 from the
@@ -26,6 +30,7 @@ place here that imports torch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -57,6 +62,7 @@ GOALS: dict[str, tuple[str, str]] = {
     "persona_consistency": (">=0.8", "value"),
     "action_validity": (">=1.0", "value"),
     "request_match": ("report", "value"),
+    "player_name": ("report", "value"),
 }
 FIGURES = tuple(GOALS)
 
@@ -75,6 +81,7 @@ class Case:
     allowed_actions: tuple[str, ...] = ()
     allowed_targets: tuple[str, ...] = ()
     reference: dict | None = None  # what the data's writer answered in this case, where known
+    player_name: str = ""  # the name the request gives the player
 
     @property
     def dialogue(self) -> str:
@@ -99,9 +106,10 @@ def case_from_request(request: Any, response: dict, valid: bool, reference: dict
 
     req = validate_request(request)
     persona = req["persona"]
+    player = req.get("player") if isinstance(req.get("player"), dict) else {}
     return Case(persona["id"], persona_text(persona), req["player_input"], dict(response or {}), bool(valid),
                 tuple(persona.get("allowed_actions", [])), tuple(action_targets(req)),
-                dict(reference) if isinstance(reference, dict) else None)
+                dict(reference) if isinstance(reference, dict) else None, str(player.get("name") or ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +176,38 @@ def build_vocabulary(corpus_dir: str | Path = CORPUS_DIR, data_dir: str | Path =
         for text in _jsonl_lines(p):
             vocab.update(words(text))
     return frozenset(vocab)
+
+
+@functools.lru_cache(maxsize=4)
+def known_player_names(data_dir: str | Path = DATA_DIR) -> frozenset[str]:
+    """Every player name in the requests of ``data_dir/*.jsonl`` (the names a model trained on that
+    data may say)."""
+    names: set[str] = set()
+    for p in sorted(Path(data_dir).glob("*.jsonl")):
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                player = json.loads(line).get("request", {}).get("player") or {}
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(player, dict) and isinstance(player.get("name"), str) and player["name"].strip():
+                names.add(player["name"].strip())
+    return frozenset(names)
+
+
+def player_name_accuracy(cases: Sequence[Case], names: Iterable[str]) -> dict[str, float | None]:
+    """Does a reply that names the player name the right one? ``value``: of the replies that contain a
+    player name (the case's own or one of ``names``, as a whole word), the share that contain the
+    case's own and no other; ``naming``: the share of replies that name a player at all. None
+    without any."""
+    pool = {n for n in names if n}
+    right = named = 0
+    for c in cases:
+        said = set(_WORD.findall(c.dialogue))
+        found = said & (pool | {c.player_name})
+        if found:
+            named += 1
+            right += found == {c.player_name}
+    return {"value": right / named if named else None, "naming": named / len(cases) if cases else None}
 
 
 def in_vocabulary_rate(cases: Sequence[Case], vocabulary: frozenset[str] | set[str]) -> float | None:
@@ -267,9 +307,11 @@ def persona_consistency(cases: Sequence[Case], embed: Embed) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def measure(cases: Sequence[Case], embed: Embed, vocabulary: frozenset[str] | set[str], seed: int = 0) -> dict:
+def measure(cases: Sequence[Case], embed: Embed, vocabulary: frozenset[str] | set[str], seed: int = 0,
+            names: Iterable[str] | None = None) -> dict:
     """Every figure over ``cases``: ``{name: {"value", "baseline", "ratio"}}`` (baseline and ratio
-    only for relevance; the caller sets the others' baselines), plus ``cases``."""
+    only for relevance; the caller sets the others' baselines), plus ``cases``. ``names``: the player
+    names a reply may say (default: :func:`known_player_names`)."""
     rel = relevance(cases, embed, seed)
     out: dict[str, Any] = {
         "well_formed": {"value": well_formed_rate(cases)},
@@ -280,6 +322,7 @@ def measure(cases: Sequence[Case], embed: Embed, vocabulary: frozenset[str] | se
         "persona_consistency": {"value": persona_consistency(cases, embed)},
         "action_validity": {"value": action_validity(cases)},
         "request_match": request_match(cases, seed),
+        "player_name": player_name_accuracy(cases, known_player_names() if names is None else names),
     }
     out["cases"] = len(cases)
     return out

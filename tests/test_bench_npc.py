@@ -66,7 +66,8 @@ def _report(well_formed: float, relevance_ratio: float) -> dict:
             "in_vocabulary": {"value": 0.9},
             "relevance": {"value": 0.3, "baseline": 0.3 / relevance_ratio, "ratio": relevance_ratio},
             "persona_consistency": {"value": 0.5}, "action_validity": {"value": 1.0},
-            "request_match": {"value": 0.6, "baseline": 0.2, "ratio": 3.0}, "cases": 10, "errors": 0}
+            "request_match": {"value": 0.6, "baseline": 0.2, "ratio": 3.0},
+            "player_name": {"value": 0.5, "naming": 0.2}, "cases": 10, "errors": 0}
 
 
 def test_figure_lines_carry_goal_baseline_and_the_variant_improved_on():
@@ -89,6 +90,8 @@ def test_figure_lines_carry_goal_baseline_and_the_variant_improved_on():
     assert pc["baseline"] == 0.25 and pc["ratio"] == 2.0 and pc["met"] is False
     rm = by[("finetuned", "npc.request_match")]
     assert rm["baseline"] == 0.2 and rm["ratio"] == 3.0 and rm["met"] is None and "other cases" in rm["baseline_is"]
+    pn = by[("finetuned", "npc.player_name")]
+    assert pn["value"] == 0.5 and pn["naming"] == 0.2 and pn["met"] is None
     for x in lines:  # every line is one JSON object with the documented keys
         assert {"bench", "value", "baseline", "ratio", "goal", "met"} <= set(json.loads(json.dumps(x)))
 

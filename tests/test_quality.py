@@ -241,3 +241,20 @@ def test_measure_gives_every_figure(embedder):
     assert rep["distinct"]["value"] == 1.0 and rep["action_validity"]["value"] == 1.0
     assert 0.8 < rep["in_vocabulary"]["value"] <= 1.0
     assert rep["relevance"]["ratio"] > 1.2
+
+
+def test_player_name_accuracy_counts_replies_that_name_the_right_player():
+    def case(line: str, name: str = "Ayla") -> Q.Case:
+        return Q.Case("guard", "d", "hi", {"dialogue": line}, True, player_name=name)
+
+    cases = [case("Welcome, Ayla."), case("Ayla's horse is here."), case("Welcome, Bren."),
+             case("Ayla and Bren, both of you."), case("Welcome, traveller."), case("Hello, Zanric.", "Zanric")]
+    got = Q.player_name_accuracy(cases, {"Ayla", "Bren"})
+    # five replies name someone; three only the right player (the last by the case's own name)
+    assert got == {"value": 3 / 5, "naming": 5 / 6}
+    assert Q.player_name_accuracy([case("Welcome, traveller.")], {"Bren"}) == {"value": None, "naming": 0.0}
+
+
+def test_known_player_names_are_the_names_in_the_shipped_requests():
+    names = Q.known_player_names()
+    assert {"Ayla", "Bren", "Lira"} <= names and "Marta" not in names  # players, not personas
