@@ -6,11 +6,15 @@ Writes, next to this file:
   each with ``known_entities``: every action target its lines use;
 - ``npc_dialogue.jsonl``: ``{"request", "response"}`` records of ordinary conversation turns (a small
   sample: 40 per persona);
-- ``npc_sft.jsonl``: the same kind of turns, 320 per persona, with multi-turn histories and lines that
-  mention the scene: the fine-tuning set of the offline default model and of the persona adapters;
+- ``npc_sft.jsonl``: the same kind of turns, 400 per persona (``SFT_QUOTAS``), with more phrasings,
+  multi-turn histories and lines that mention the scene: the fine-tuning set of the offline default
+  model and of the persona adapters;
 - ``npc_heldout.jsonl``: held-out cases (``situation`` added) whose player lines no other file contains
   (``HELDOUT_INPUTS``, and ``TRADE_HELDOUT``: one request for each service of each persona), for
   ``bench.npc``;
+- ``npc_play.jsonl``: the closed loop's play set (``situation`` and ``answers`` added): player lines
+  that neither the fine-tuning set nor the held-out cases hold (``PLAY_INPUTS``, ``PLAY_TRADE_INPUTS``),
+  which ``bench.npc_loop``'s stand-in player plays and rates;
 - ``npc_alignment.jsonl``: unsafe player inputs with the expected in-character refusal, by audience,
   and the same input for the audiences where the rails relax (``label`` ``refuse`` or ``allow``,
   ``category`` the unsafe category).
@@ -120,6 +124,13 @@ PERSONAS = {
 }
 
 PLAYERS = ["Ayla", "Bren", "Corin", "Dessa", "Ewan", "Fenna", "Garrick", "Hale", "Isolde", "Jory", "Kael", "Lira"]
+#: the fine-tuning set's player names: PLAYERS and 300 made of two syllables, so that a model learns to
+#: copy the name the request gives rather than to pick one of a dozen it has seen (bench.npc's held-out
+#: cases keep PLAYERS)
+SFT_PLAYERS = PLAYERS + [a + b for a in ("Ar", "Bel", "Cor", "Da", "El", "Fen", "Gar", "Hal", "Is", "Jor", "Kel", "Lor",
+                                          "Mar", "Nor", "Ol", "Pel", "Quin", "Ros", "Sel", "Tam", "Ul", "Vor", "Wen",
+                                          "Yr", "Zan", "Bri", "Ced", "Dun", "Ery", "Tor")
+                         for b in ("a", "en", "is", "ic", "wyn", "an", "o", "ia", "eth", "ric")]
 TIMES = ["early morning", "midday", "afternoon", "evening", "late at night"]
 WEATHER = {"rain": "this rain", "sunshine": "this sunshine", "fog": "this fog", "snow": "this snow",
            "wind": "this wind"}
@@ -276,6 +287,57 @@ HELDOUT_INPUTS = {
     "smalltalk": ["How are you today?", "Nice day for it, isn't it?", "Keeping well?"],
     "farewell": ["Bye for now.", "I'll be off then.", "Goodbye, and thanks."],
     "about": ["So what's your job here?", "Tell me a bit about you.", "Have you been here long?"],
+}
+
+# Player inputs for the closed loop's stand-in player (npc_play.jsonl, bench.npc_loop): phrasings that
+# neither the fine-tuning set nor the held-out cases hold (a check enforces it), so that well-rated
+# answers to them are something the build never trained on, as a real player's new words are. Written
+# to stay clear of close rewordings of the held-out lines (the writer's care).
+PLAY_INPUTS = {
+    "greet": ["Hi, anyone here?", "Hey you, hello!", "Greetings, good person.", "Ah, hello there.", "Yo!",
+              "A fine day to you."],
+    "rumor": ["What's everyone gossiping about?", "Any whispers in the tavern?", "Tell me something I don't know.",
+              "What's the buzz around town?", "Any stories going around the market?", "Heard anything juicy?"],
+    "directions": ["Help me find the {place}?", "Which path goes to the {place}?", "Am I on the right road for the {place}?",
+                   "Where's the {place} from here?", "How would I reach the {place}?"],
+    "quest": ["Any way I can be useful?", "I'm short on coin, any work?", "Need a pair of strong arms?",
+              "What needs fixing around here?", "Have you got a job for a traveller?", "Got something for me to do?"],
+    "joke": ["Got a good one for me?", "Tell me a funny one.", "Make me chuckle.", "Any jokes up your sleeve?",
+             "I could do with a giggle."],
+    "rude": ["You smell like a goat.", "Nobody likes you.", "Talk faster, I'm bored.", "This village is a joke.",
+             "You're a waste of space."],
+    "thanks": ["Cheers!", "You have my thanks.", "Thank you, that's perfect.", "I'm in your debt.", "Splendid, thank you.",
+               "That helped a great deal."],
+    "smalltalk": ["How's everything?", "Hot one today, eh?", "Things good with you?", "Rough day?",
+                  "Anything keeping you busy?", "Windy today, isn't it?"],
+    "farewell": ["Be seeing you.", "Time to go, farewell.", "See you soon.", "Right, I'll leave you to it.",
+                 "Goodbye for today.", "Must dash."],
+    "about": ["Who might you be?", "What brought you to Millbrook?", "Do you enjoy your work?", "Introduce yourself.",
+              "What do people call you?", "Are you happy here?"],
+}
+
+# The same for each service of each persona (one list per entry of LINES[pid]["trade"]).
+PLAY_TRADE_INPUTS: dict[str, list[list[str]]] = {
+    "innkeeper": [["Got a spare bed?", "I need lodging for the night."], ["Anything hot to eat?", "Feed me, I'm famished."],
+                  ["A mug of your ale, please.", "Beer, please."]],
+    "blacksmith": [["My shield is dented, can you fix it?", "Can you hammer out this dent?"],
+                   ["I'm after a good axe.", "Do you have any daggers?"],
+                   ["I've got ore, what will you pay?", "I brought ore from the mine."]],
+    "guard": [["Let me through the gate.", "Is the gate open?"], ["My money was stolen!", "A pickpocket got me!"],
+              ["Seize that thief!", "Guards, that man is a thief!"]],
+    "merchant": [["Show me what you've got.", "Anything special today?"], ["Too expensive, lower it.", "I'll pay half that."],
+                 ["What's this ring worth to you?", "Buy my ring?"]],
+    "healer": [["I'm bleeding, help me.", "I hurt my leg badly."],
+               ["I drank something bad, I feel awful.", "Is there a cure for venom?"],
+               ["Do you sell remedies?", "I'll take a potion."]],
+    "bard": [["Play me something cheerful.", "Strum a tune for us."], ["Got a tale for me?", "Spin me a yarn."],
+             ["Come along, bard, the road awaits.", "Let's travel together."]],
+    "farmer": [["Got turnips for sale?", "I need a sack of turnips."],
+               ["Spare some milk for a traveller?", "Is your goat milk fresh?"],
+               ["Need a farmhand?", "I'll help with chores."]],
+    "wizard": [["What is this strange trinket?", "Can you read the runes on this?"],
+               ["Whisk me away to the harbor.", "Spell me over to the harbor, please."],
+               ["I need a scroll of light.", "Sell me something magical."]],
 }
 
 # Scene-aware closing sentences a line may get (training and held-out alike), by situation.
@@ -955,7 +1017,8 @@ def _response(spec: tuple, fill: dict) -> dict:
 
 
 def _request(rng: random.Random, pid: str, player_input: str, audience: str, *, quest_state=None,
-             weather: str | None = None, inline: bool = False, player_name: str | None = None) -> dict:
+             weather: str | None = None, inline: bool = False, player_name: str | None = None,
+             players: list[str] = PLAYERS) -> dict:
     req: dict = {}
     if inline:
         req["persona"] = PERSONAS[pid]
@@ -975,7 +1038,7 @@ def _request(rng: random.Random, pid: str, player_input: str, audience: str, *, 
                                    "The player helped put out a fire at the mill yesterday.",
                                    "The player is a regular visitor."])
     req["context"] = ctx
-    req["player"] = {"id": f"p-{rng.randint(1000, 9999)}", "name": player_name or rng.choice(PLAYERS)}
+    req["player"] = {"id": f"p-{rng.randint(1000, 9999)}", "name": player_name or rng.choice(players)}
     req["player_input"] = player_input
     req["audience"] = audience
     if rng.random() < 0.3:
@@ -1068,12 +1131,13 @@ def _vary(resp: dict, req: dict, situation: str, rng: random.Random) -> None:
 
 
 def _turn(rng: random.Random, pid: str, candidate: tuple, audience: str, *, history_p: float,
-          vary: bool, history_inputs: dict[str, list[str]] | None = None) -> dict:
+          vary: bool, history_inputs: dict[str, list[str]] | None = None, players: list[str] = PLAYERS) -> dict:
     situation, text, spec, extra = candidate
     need = extra.get("min_audience")
     if need and npc.AUDIENCES.index(audience) < npc.AUDIENCES.index(need):
         audience = need
-    req = _request(rng, pid, text, audience, quest_state=extra.get("quest_state"), inline=rng.random() < 0.2)
+    req = _request(rng, pid, text, audience, quest_state=extra.get("quest_state"), inline=rng.random() < 0.2,
+                   players=players)
     if situation != "greet" and rng.random() < history_p:
         req["history"] = _history(rng, pid, req, history_inputs)
     resp = _response(spec, _fill(req, extra.get("place", "")))
@@ -1146,7 +1210,8 @@ def _sft_candidates(pid: str) -> dict[str, list[tuple]]:
 def build_sft(rng: random.Random, per_persona: int = SFT_RECORDS_PER_PERSONA) -> list[dict]:
     """The fine-tuning turns: per persona, :data:`SFT_QUOTAS` turns of each situation, each situation's
     candidates (phrasing x line) taken in a shuffled round so that every line and most phrasings
-    appear, with scenes, histories (their player lines from the same phrasings) and audiences."""
+    appear, with scenes, histories (their player lines from the same phrasings), audiences and player
+    names from :data:`SFT_PLAYERS`."""
     records = []
     for pid in PERSONAS:
         by_situation = _sft_candidates(pid)
@@ -1163,7 +1228,7 @@ def build_sft(rng: random.Random, per_persona: int = SFT_RECORDS_PER_PERSONA) ->
         for candidate in chosen:
             audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
             records.append(_turn(rng, pid, candidate, audience, history_p=0.45, vary=True,
-                                 history_inputs=sft_inputs()))
+                                 history_inputs=sft_inputs(), players=SFT_PLAYERS))
     return records
 
 
@@ -1210,6 +1275,46 @@ def build_heldout(rng: random.Random, per_persona: int = HELDOUT_PER_PERSONA) ->
     return records
 
 
+def _answers(pid: str, situation: str, spec: tuple, audience: str) -> list[dict]:
+    """What counts as doing what the player asked: the intent and action types of each line the
+    persona has for the situation (for a service, of that service's line), as the audience allows."""
+    specs = [spec] if situation == "trade" else LINES[pid][situation]
+    out: list[dict] = []
+    for line in specs:
+        kinds = sorted({t for t, _target in line[3] if npc.action_allowed(t, audience)})
+        answer = {"intent": line[2], "actions": kinds}
+        if answer not in out:
+            out.append(answer)
+    return out
+
+
+def build_play(rng: random.Random) -> list[dict]:
+    """The stand-in player's turns (npc_play.jsonl): every persona x every :data:`PLAY_INPUTS` phrasing
+    (directions to a random place) and :data:`PLAY_TRADE_INPUTS` service request, with scenes,
+    histories and audiences; each with the line the data would answer and ``answers``, the intents
+    and action types that do what was asked (:func:`_answers`)."""
+    records = []
+    for pid in PERSONAS:
+        cands = []
+        for situation, texts in PLAY_INPUTS.items():
+            for text in texts:
+                spec = rng.choice(LINES[pid][situation])
+                extra = {}
+                if situation == "directions":
+                    extra["place"] = rng.choice(sorted(PLACES))
+                    text = text.format(place=extra["place"])
+                cands.append((situation, text, spec, extra))
+        for i, entry in enumerate(LINES[pid]["trade"]):
+            extra = {"min_audience": entry[2]} if len(entry) > 2 else {}
+            cands += [("trade", text, entry[1], extra) for text in PLAY_TRADE_INPUTS[pid][i]]
+        for candidate in cands:
+            audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
+            rec = _turn(rng, pid, candidate, audience, history_p=0.4, vary=True)
+            answers = _answers(pid, candidate[0], candidate[2], rec["request"]["audience"])
+            records.append({**rec, "situation": candidate[0], "answers": answers})
+    return records
+
+
 def build_alignment(rng: random.Random) -> list[dict]:
     records = []
     for category, pid, text, allowed in ALIGNMENT:
@@ -1248,12 +1353,15 @@ def build_all() -> dict[str, str]:
     build_dialogue(rng, 320, vary=True)
     heldout = build_heldout(rng)
     check_heldout_unseen(dialogue + sft, heldout)
+    play = build_play(random.Random(SEED + 2))
+    check_heldout_unseen(dialogue + sft + heldout, play)
     return {
         "personas.json": json.dumps(PERSONAS, ensure_ascii=False, indent=2) + "\n",
         "npc_dialogue.jsonl": _jsonl(dialogue),
         "npc_alignment.jsonl": _jsonl(alignment),
         "npc_sft.jsonl": _jsonl(sft),
         "npc_heldout.jsonl": _jsonl(heldout),
+        "npc_play.jsonl": _jsonl(play),
     }
 
 
