@@ -1,28 +1,31 @@
 """The learning half of the NPC quality benchmark: do adapter versions trained from well-rated
 experience score better on bench.npc's held-out cases than the version they started from?
 
-    python -m bench.npc_loop [--quick] [--lines N] [--personas a,b,...] [--steps N] [--lr X] [--rehearsal X]
-                             [--cases FILE] [--limit N] [--replies FILE.jsonl]
+    python -m bench.npc_loop [--quick] [--lines N] [--samples K] [--seeds N] [--personas a,b,...] [--steps N]
+                             [--lr X] [--rehearsal X] [--cases FILE] [--limit N] [--replies FILE.jsonl]
 
 One throw-away namespace on the RabbitMQ at ``AMQP_URL`` runs the real services in this process, on
 the offline default model: the aggregator (``PERSONA_ADAPTERS``: version 0 of each persona's adapter
 is the one the model build trained), the feedback loop (``npcbus loop``), a training worker, and the
 inference consumer on vLLM (the transformers engine where vLLM is absent).
 
-1. **Play.** For each persona, player lines that no held-out case holds (the first ``--lines`` of
-   that persona in ``npcbus/data_files/npc_dialogue.jsonl``) go to the consumer as NPC requests with
-   the persona's adapter, sampled as a player gets them (bench.npc's :func:`~bench.npc.case_params`).
-2. **Rate.** A stand-in player rates each reply: thumbs up (score 1) when it is valid, well-formed
-   and closer (all-MiniLM-L6-v2 cosine) to the line the data's writer gave for that turn than to
-   the other lines written for the same persona's turns on average, else thumbs down (score -1).
-   Each rated reply goes out as :class:`npcbus.messages.Experience`, as the gateway publishes a
-   turn's feedback.
+1. **Play.** For each persona, the play set (``npcbus/data_files/npc_play.jsonl``: player lines that
+   neither the fine-tuning set nor the held-out cases hold, every kind of request and every service)
+   goes to the consumer as NPC requests with the persona's adapter, each line ``--samples`` times
+   with seeds of its own, sampled as a player gets them (bench.npc's :func:`~bench.npc.case_params`).
+2. **Rate.** A stand-in player rates each reply as a player who asked for something would: thumbs up
+   (score 1) when it passed the output checks, its line is well-formed, it does what was asked (the
+   intent, and where it acts the kind of action, of a line written for that kind of request: the
+   record's ``answers``) and it sounds like its persona (all-MiniLM-L6-v2: closer to its own persona's
+   description than to the others' on average); else thumbs down (score -1). Each rated reply goes
+   out as :class:`npcbus.messages.Experience`, as the gateway publishes a turn's feedback.
 3. **Learn.** The loop turns each persona's thumbs-up experience into one training task (its
    thumbs-down experience is not used), the worker trains it from the adapter's current version,
    and the aggregator makes, persists and announces the next version.
 4. **Measure.** bench.npc's held-out cases through the same consumer, each with its persona's
    adapter pinned to version 0 and then to the newest version (fetched through the bus, as any
-   consumer gets a version), scored by :mod:`npcbus.quality`.
+   consumer gets a version), each case with ``--seeds`` seeds (the first is bench.npc's), scored by
+   :mod:`npcbus.quality` seed by seed; a figure is the mean over the seeds (``per_seed`` lists them).
 
 One JSON line per figure: ``{"bench": "npc_loop.<figure>", "value": <newest version>, "baseline":
 <version 0>, "ratio", "goal", "met", ...}``. Goals: relevance (ratio over shuffled replies) higher
@@ -30,8 +33,8 @@ than version 0's; well-formed, distinct and persona consistency not lower and fa
 (by more than one case in a hundred). A line ``npc_loop.experience`` reports how many replies were
 rated up and down and how many versions were made.
 
-``--quick`` (CI): two personas, 8 lines each, 16 held-out cases of those personas, short
-generations and training.
+``--quick`` (CI): two personas, 8 play lines each, one sample, 16 held-out cases of those personas,
+one seed, short generations and training.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ engine_env()
 from bench import npc as B  # noqa: E402
 
 MODEL_ID = B.MODEL_ID
-PLAY_FILE = "npc_dialogue.jsonl"
+PLAY_FILE = "npc_play.jsonl"
 #: a figure of the newest version may trail version 0's by this much and still count as "not worse"
 TOLERANCE = 0.01
 
@@ -67,22 +70,61 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def ratings(replies: list[str], references: list[str], groups: list[str], valid: list[bool], embed) -> list[float]:
-    """Score 1 (thumbs up) or -1 per reply: up when it is valid, well-formed and more similar to its
-    own reference line than to the other references of its group (persona) on average."""
+def answers_request(response: dict, answers: list[dict]) -> bool:
+    """Does the reply do what the player asked: the intent of one of ``answers`` (the play record's
+    ``answers``: the intents and action types of the lines written for that kind of request) and, where
+    that answer acts, one of its action types?"""
+    from npcbus.quality import _does_what_was_asked
+
+    return any(_does_what_was_asked(response, True, {"intent": a.get("intent"),
+                                                     "actions": [{"type": t} for t in a.get("actions", [])]})
+               for a in answers)
+
+
+def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[dict]], personas: list[str],
+            persona_texts: dict[str, str], embed) -> list[float]:
+    """Score 1 (thumbs up) or -1 per reply, as a player who asked for something rates the answer: up
+    when the reply passed the output checks, its line is well-formed, it does what was asked
+    (:func:`answers_request`), it sounds like its own persona (its line is closer, all-MiniLM-L6-v2
+    cosine, to its persona's description than to the other personas' descriptions on average) and the
+    persona has not said that line already (case and punctuation aside) in a reply rated up before it:
+    a line heard twice is no longer a good answer."""
     import numpy as np
 
-    from npcbus.quality import is_well_formed
+    from npcbus.quality import is_well_formed, words
 
-    r = embed(replies)
-    ref = embed(references)
-    sims = r @ ref.T
-    out = []
-    for i, g in enumerate(groups):
-        others = [j for j, h in enumerate(groups) if h == g and j != i]
-        good = valid[i] and is_well_formed(replies[i]) and bool(others) and \
-            float(sims[i, i]) > float(np.mean(sims[i, others]))
+    ids = list(persona_texts)
+    lines = [(r or {}).get("dialogue", "") if isinstance(r, dict) else "" for r in responses]
+    vecs = np.asarray(embed([persona_texts[i] for i in ids] + [x or " " for x in lines]), dtype=np.float64)
+    sims = vecs[len(ids):] @ vecs[: len(ids)].T  # [reply, persona]
+    out, heard = [], set()
+    for i, (resp, ok, wanted, pid) in enumerate(zip(responses, valid, answers, personas, strict=True)):
+        k = ids.index(pid)
+        in_character = len(ids) < 2 or float(sims[i, k]) > float(np.mean(np.delete(sims[i], k)))
+        said = (pid, " ".join(words(lines[i])))
+        good = (ok and isinstance(resp, dict) and is_well_formed(lines[i]) and answers_request(resp, wanted)
+                and in_character and said not in heard)
+        if good:
+            heard.add(said)
         out.append(1.0 if good else -1.0)
+    return out
+
+
+def average_reports(reports: list[dict]) -> dict:
+    """Each figure's value, baseline and ratio averaged over the reports of several seeds (None where
+    any seed has none); ``per_seed`` keeps the seeds' own values of the figure's goal number."""
+    from npcbus import quality as Q
+
+    out: dict = {"cases": reports[0]["cases"], "errors": sum(r.get("errors", 0) for r in reports)}
+    for name in Q.FIGURES:
+        fig: dict = {}
+        for key in ("value", "baseline", "ratio"):
+            vals = [r[name].get(key) for r in reports]
+            if key in reports[0][name]:
+                fig[key] = None if any(v is None for v in vals) else sum(vals) / len(vals)
+        on = Q.GOALS[name][1]
+        fig["per_seed"] = [r[name].get(on) for r in reports]
+        out[name] = fig
     return out
 
 
@@ -91,13 +133,13 @@ def goal_of(name: str) -> str:
         return "> version 0"
     if name == "fallback":
         return f"<= version 0 + {TOLERANCE}"
-    if name == "in_vocabulary" or name == "action_validity":
+    if name in ("in_vocabulary", "action_validity", "player_name"):
         return "report"
     return f">= version 0 - {TOLERANCE}"
 
 
 def met(name: str, value: float | None, baseline: float | None) -> bool | None:
-    if value is None or baseline is None or name in ("in_vocabulary", "action_validity"):
+    if value is None or baseline is None or name in ("in_vocabulary", "action_validity", "player_name"):
         return None
     if name == "relevance":
         return value > baseline
@@ -117,7 +159,10 @@ def figure_lines(before: dict, after: dict, **extra) -> list[dict]:
         lines.append({"bench": f"npc_loop.{name}", "value": None if v is None else round(v, 4),
                       "baseline": None if b is None else round(b, 4),
                       "ratio": round(v / b, 4) if v is not None and b else None, "goal": goal_of(name),
-                      "met": met(name, v, b), "on": on, "cases": after["cases"], **extra})
+                      "met": met(name, v, b), "on": on, "cases": after["cases"],
+                      **({"per_seed": [None if x is None else round(x, 4) for x in after[name]["per_seed"]],
+                          "baseline_per_seed": [None if x is None else round(x, 4) for x in before[name]["per_seed"]]}
+                         if "per_seed" in after[name] else {}), **extra})
     return lines
 
 
@@ -126,19 +171,31 @@ def figure_lines(before: dict, after: dict, **extra) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def play_records(personas: list[str], lines: int) -> list[dict]:
-    """The first ``lines`` records of each persona in the play file (none of them held out)."""
+def play_records(personas: list[str], lines: int | None) -> list[dict]:
+    """Up to ``lines`` records of each persona in the play file (all with None), taken in turn from each
+    kind of request, none of them held out."""
     from npcbus.evaluate import read_jsonl
     from npcbus.model import persona_of
     from npcbus.npc import DATA_DIR
 
     held = {(persona_of(r), r["request"].get("player_input")) for r in B.read_records()}
-    by: dict[str, list[dict]] = {p: [] for p in personas}
+    by: dict[str, dict[str, list[dict]]] = {p: {} for p in personas}
     for r in read_jsonl(DATA_DIR / PLAY_FILE):
         p = persona_of(r)
-        if p in by and len(by[p]) < lines and (p, r["request"].get("player_input")) not in held:
-            by[p].append(r)
-    return [r for p in personas for r in by[p]]
+        if p in by and (p, r["request"].get("player_input")) not in held:
+            by[p].setdefault(r.get("situation", ""), []).append(r)
+    out: list[dict] = []
+    for p in personas:
+        groups, mine = list(by[p].values()), []
+        for i in range(max((len(g) for g in groups), default=0)):
+            mine += [g[i] for g in groups if i < len(g)]
+        out += mine[:lines] if lines is not None else mine
+    return out
+
+
+def seeded(records: list[dict], seeds: int) -> list[tuple[dict, int]]:
+    """Each record with seed offsets 0 .. seeds-1 (offset 0: the case's own seed, as bench.npc)."""
+    return [(r, k) for k in range(seeds) for r in records]
 
 
 async def delete_namespace(bus) -> None:
@@ -237,19 +294,22 @@ class System:
     def version(self, persona: str) -> int:
         return self.agg.adapters[persona].state.version
 
-    async def ask(self, records: list[dict], versions: dict[str, int | None], max_tokens: int,
+    async def ask(self, records: list[tuple[dict, int]], versions: dict[str, int | None], max_tokens: int,
                   label: str) -> list[tuple[dict, object]]:
-        """Each record as an NPC request with its persona's adapter at ``versions[persona]``."""
+        """Each (record, seed offset) as an NPC request with its persona's adapter at ``versions[persona]``,
+        sampled as a player gets it with the case's seed plus the offset."""
         from npcbus.messages import FinalResponse, GenerationError, GenerationRequest
         from npcbus.model import persona_of
 
         sem = asyncio.Semaphore(self.concurrency)
         progress = B.Progress(label, len(records), max(4, len(records) // 8))
 
-        async def one(rec: dict):
+        async def one(rec: dict, offset: int):
             pid = persona_of(rec)
+            params = B.case_params(rec, max_tokens)
+            params["seed"] = (params["seed"] + 7919 * offset) % 2**32
             req = GenerationRequest(uuid.uuid4().hex, MODEL_ID, mode="npc", npc=rec["request"], adapter=pid,
-                                    adapter_version=versions.get(pid), params=B.case_params(rec, max_tokens))
+                                    adapter_version=versions.get(pid), params=params)
             async with sem:
                 result = None
                 async for ev in self.client.request_stream(self.client.topology.gen_exchange, MODEL_ID, req,
@@ -260,7 +320,7 @@ class System:
             progress.step()
             return rec, result
 
-        return list(await asyncio.gather(*[one(r) for r in records]))
+        return list(await asyncio.gather(*[one(r, k) for r, k in records]))
 
     async def publish_experience(self, played: list[tuple[dict, object]], scores: list[float]) -> None:
         from npcbus.messages import Experience, FinalResponse
@@ -281,34 +341,34 @@ class System:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(*, personas: list[str], lines: int, cases_path: str | None, limit: int | None, max_tokens: int,
-        steps: int, lr: float, concurrency: int, engine: str, replies: str | None, timeout_s: float,
-        rehearsal: float = 0.0) -> dict:
+def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cases_path: str | None,
+        limit: int | None, max_tokens: int, steps: int, lr: float, concurrency: int, engine: str,
+        replies: str | None, timeout_s: float, rehearsal: float = 0.0) -> dict:
     from npcbus import quality as Q
     from npcbus.messages import FinalResponse
     from npcbus.model import persona_of
+    from npcbus.npc import load_personas
 
     model_dir = B.finetuned_model()
     held = B.in_turn([r for r in B.read_records(cases_path) if persona_of(r) in personas], limit)
     play = play_records(personas, lines)
     if not play or not held:
         raise ValueError(f"nothing to play ({len(play)}) or to measure ({len(held)}) for personas {personas}")
-    log(f"{len(play)} turns to play and rate, {len(held)} held-out cases; personas {', '.join(personas)}; "
-        f"{steps} training steps at lr {lr}")
+    log(f"{len(play)} player lines x {samples} samples to play and rate, {len(held)} held-out cases x {seeds} "
+        f"seeds; personas {', '.join(personas)}; {steps} training steps at lr {lr}")
     embedder = Q.Embedder(threads=2)
+    texts = {pid: Q.persona_text(p) for pid, p in load_personas().items()}
 
     async def main():
         work = Path(tempfile.mkdtemp(prefix="bench-npcloop-"))
-        async with System(model_dir, personas, steps=steps, lr=lr, concurrency=concurrency, engine=engine, rehearsal=rehearsal,
-                          work=work) as sys_:
+        async with System(model_dir, personas, steps=steps, lr=lr, concurrency=concurrency, engine=engine,
+                          rehearsal=rehearsal, work=work) as sys_:
             t0 = time.monotonic()
-            played = await sys_.ask(play, {}, max_tokens, "play")
-            texts = [(ev.response or {}).get("dialogue", "") if isinstance(ev, FinalResponse) else ""
-                     for _, ev in played]
+            played = await sys_.ask(seeded(play, samples), {}, max_tokens, "play")
+            responses = [ev.response if isinstance(ev, FinalResponse) else None for _, ev in played]
             valid = [isinstance(ev, FinalResponse) and ev.valid for _, ev in played]
-            refs = [r["response"]["dialogue"] for r, _ in played]
-            scores = await asyncio.to_thread(ratings, texts, refs, [persona_of(r) for r, _ in played], valid,
-                                             embedder)
+            scores = await asyncio.to_thread(ratings, responses, valid, [r.get("answers", []) for r, _ in played],
+                                             [persona_of(r) for r, _ in played], texts, embedder)
             up = {p: sum(1 for (r, _), s in zip(played, scores, strict=True) if s > 0 and persona_of(r) == p)
                   for p in personas}
             log(f"played {len(played)} turns in {time.monotonic() - t0:.1f} s; thumbs up per persona: {up}")
@@ -322,8 +382,8 @@ def run(*, personas: list[str], lines: int, cases_path: str | None, limit: int |
                 await asyncio.sleep(1.0)
             newest = {p: sys_.version(p) for p in personas}
             log(f"new versions after {time.monotonic() - t0:.1f} s: {newest}")
-            before = await sys_.ask(held, dict.fromkeys(personas, 0), max_tokens, "version 0")
-            after = await sys_.ask(held, newest, max_tokens, "newest")
+            before = await sys_.ask(seeded(held, seeds), dict.fromkeys(personas, 0), max_tokens, "version 0")
+            after = await sys_.ask(seeded(held, seeds), newest, max_tokens, "newest")
             return played, scores, newest, before, after
 
     played, scores, newest, before, after = asyncio.run(main())
@@ -332,11 +392,14 @@ def run(*, personas: list[str], lines: int, cases_path: str | None, limit: int |
     vocab = Q.build_vocabulary()
     reports = {}
     for name, results in (("version 0", before), ("newest", after)):
-        cases, errors = B.to_cases(results)
-        reports[name] = {**Q.measure(cases, embedder, vocab), "errors": errors}
+        per_seed = []
+        for k in range(seeds):
+            cases, errors = B.to_cases(results[k * len(held): (k + 1) * len(held)])
+            per_seed.append({**Q.measure(cases, embedder, vocab), "errors": errors})
+        reports[name] = average_reports(per_seed)
     return {"reports": reports, "newest": newest, "thumbs_up": sum(s > 0 for s in scores),
             "thumbs_down": sum(s < 0 for s in scores), "played": len(played), "cases": len(held),
-            "rehearsal": rehearsal}
+            "seeds": seeds, "samples": samples, "rehearsal": rehearsal}
 
 
 def _loop_default_rehearsal() -> float:
@@ -350,7 +413,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--personas", default=None, help="comma-separated persona ids (default: all; --quick: two)")
-    p.add_argument("--lines", type=int, default=None, help="player lines played per persona (default 40; --quick 8)")
+    p.add_argument("--lines", type=int, default=None,
+                   help="play-set lines per persona, taken in turn from each kind of request (default: all 63; --quick 8)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="replies sampled (seeds) per play-set line (default 2; --quick 1)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per held-out case; the figures are their means (default 3; --quick 1)")
     p.add_argument("--cases", default=None, help="held-out NPC records (default: bench.npc's)")
     p.add_argument("--limit", type=int, default=None, help="held-out cases, taken in turn from each persona "
                                                             "(default: all of the personas'; --quick 16)")
@@ -370,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(os.environ.get("LOG_FORMAT", "console"), os.environ.get("LOG_LEVEL", "warning"))
     t0 = time.monotonic()
-    result = run(personas=personas, lines=args.lines or (8 if args.quick else 40), cases_path=args.cases,
+    result = run(personas=personas, lines=args.lines or (8 if args.quick else None),
+                 samples=args.samples or (1 if args.quick else 2), seeds=args.seeds or (1 if args.quick else 3),
+                 cases_path=args.cases,
                  limit=args.limit if args.limit is not None else (16 if args.quick else None),
                  max_tokens=args.max_tokens or (160 if args.quick else 256),
                  steps=args.steps or (10 if args.quick else 30), lr=args.lr,
@@ -379,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                  replies=args.replies, timeout_s=args.timeout)
     log(B.table({"variants": result["reports"], "reference": None}))
     log(f"total {time.monotonic() - t0:.1f} s")
-    extra = {"versions": result["newest"], "rehearsal": result["rehearsal"], "quick": args.quick}
+    extra = {"versions": result["newest"], "seeds": result["seeds"], "samples": result["samples"],
+             "rehearsal": result["rehearsal"], "quick": args.quick}
     print(json.dumps({"bench": "npc_loop.experience", "value": result["thumbs_up"], "baseline": result["played"],
                       "ratio": round(result["thumbs_up"] / result["played"], 4), "goal": "report", "met": None,
                       "thumbs_down": result["thumbs_down"], **extra}), flush=True)

@@ -19,25 +19,82 @@ def _embed(texts: list[str]) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def test_a_reply_like_its_own_reference_gets_thumbs_up():
-    replies = ["The gate opens at dawn, citizen.", "Have some ale, the gate is closed.", "ok", "Goats eat the gate."]
-    refs = ["The north gate is that way.", "A pint of ale for you.", "The gate shuts at dusk.", "My goat ran off."]
-    groups = ["guard", "guard", "guard", "farmer"]
-    valid = [True, True, True, True]
-    got = L.ratings(replies, refs, groups, valid, _embed)
-    # 0: about the gate like its reference; 1: mixes ale and gate, no nearer its own (ale) line than the others;
-    # 2: not a readable line; 3: the only farmer turn has no other reference to beat
-    assert got == [1.0, -1.0, -1.0, -1.0]
-    # a reply that did not pass the output checks is never rated up
-    assert L.ratings(replies[:1] * 2, [refs[1], refs[0]], ["guard", "guard"], [False, True], _embed) == [-1.0, 1.0]
+PERSONAS = {"guard": "Keeps the gate of the town.", "innkeeper": "Pours ale at the inn.",
+            "farmer": "Keeps a goat."}
 
 
-def test_played_turns_are_not_held_out_and_come_per_persona():
+def _reply(line: str, intent: str, *actions: str) -> dict:
+    return {"dialogue": line, "intent": intent, "actions": [{"type": t, "target": "x"} for t in actions]}
+
+
+def test_a_reply_that_does_what_was_asked_in_character_gets_thumbs_up():
+    directions = [{"intent": "inform", "actions": ["give_directions"]}]
+    greet = [{"intent": "greet", "actions": []}]
+    cases = [
+        (_reply("The gate is north of here, citizen.", "inform", "give_directions"), True, directions, "guard", 1.0),
+        # the right kind of answer, in another persona's voice (ale: the innkeeper's)
+        (_reply("Have a pint of ale, the road is long.", "inform", "give_directions"), True, directions, "guard", -1.0),
+        # in character, but no directions given where the player asked for them
+        (_reply("The gate stays shut tonight, citizen.", "inform"), True, directions, "guard", -1.0),
+        # another intent than the kinds written for the request
+        (_reply("Welcome to the gate, traveller.", "greet"), True, directions, "guard", -1.0),
+        # not a readable line / did not pass the output checks / no response at all
+        (_reply("gate", "greet"), True, greet, "guard", -1.0),
+        (_reply("Hello from the gate, friend.", "greet"), False, greet, "guard", -1.0),
+        (None, False, greet, "guard", -1.0),
+        # several written answers: any of them counts
+        (_reply("My goat says hello to you.", "greet"), True, [{"intent": "inform", "actions": []}, *greet],
+         "farmer", 1.0),
+        # the same line again from the same persona (case and punctuation aside) is no longer rated up ...
+        (_reply("my goat says hello to you", "greet"), True, greet, "farmer", -1.0),
+        # ... while another persona may say it
+        (_reply("My goat says hello to you, the gate is open.", "greet"), True, greet, "guard", 1.0),
+    ]
+    got = L.ratings([c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases],
+                    PERSONAS, _embed)
+    assert got == [c[4] for c in cases]
+
+
+def test_answers_request_needs_the_intent_and_where_the_answer_acts_the_action_kind():
+    rent = [{"intent": "trade", "actions": ["rent_room"]}]
+    assert L.answers_request(_reply("Room three.", "trade", "rent_room", "serve_food"), rent)
+    assert not L.answers_request(_reply("Stew?", "trade", "serve_food"), rent)
+    assert not L.answers_request(_reply("Room three.", "inform", "rent_room"), rent)
+    assert L.answers_request(_reply("Ha!", "joke"), [{"intent": "joke", "actions": []}])
+    assert not L.answers_request(_reply("Ha!", "joke"), [])
+
+
+def test_the_play_set_is_new_to_training_and_held_out_and_comes_per_persona_in_turn_by_kind():
+    from npcbus.data_files.make_npc_data import _normalized
+    from npcbus.evaluate import read_jsonl
+    from npcbus.npc import DATA_DIR
+
     play = L.play_records(["innkeeper", "guard"], 5)
     assert [persona_of(r) for r in play] == ["innkeeper"] * 5 + ["guard"] * 5
-    held = {(persona_of(r), r["request"]["player_input"]) for r in B.read_records()}
-    assert not any((persona_of(r), r["request"]["player_input"]) in held for r in play)
-    assert all(r["response"]["dialogue"] for r in play)
+    assert len({r["situation"] for r in play[:5]}) == 5  # five kinds of request, not five greetings
+    everything = L.play_records(["innkeeper"], None)
+    assert len(everything) > 50 and {r["situation"] for r in everything} >= {"trade", "directions", "rude", "greet"}
+    seen = {_normalized(r["request"]["player_input"])
+            for name in ("npc_sft.jsonl", "npc_dialogue.jsonl", "npc_heldout.jsonl")
+            for r in read_jsonl(DATA_DIR / name)}
+    assert not any(_normalized(r["request"]["player_input"]) in seen for r in everything)
+    assert all(r["response"]["dialogue"] and r["answers"] for r in everything)
+    # every written line for the record does what was asked by its own answers
+    assert all(L.answers_request(r["response"], r["answers"]) for r in everything)
+
+
+def test_seeded_plays_each_record_once_per_seed_offset():
+    recs = [{"a": 1}, {"a": 2}]
+    assert L.seeded(recs, 2) == [(recs[0], 0), (recs[1], 0), (recs[0], 1), (recs[1], 1)]
+
+
+def test_reports_of_several_seeds_are_averaged_figure_by_figure():
+    a, b = _report(1.2, 0.0), _report(1.4, 0.02)
+    avg = L.average_reports([a, b])
+    assert abs(avg["relevance"]["ratio"] - 1.3) < 1e-9 and avg["relevance"]["per_seed"] == [1.2, 1.4]
+    assert abs(avg["fallback"]["value"] - 0.01) < 1e-9 and avg["cases"] == 16
+    b["persona_consistency"]["value"] = None
+    assert L.average_reports([a, b])["persona_consistency"]["value"] is None
 
 
 def _report(relevance: float, fallback: float, well_formed: float = 1.0) -> dict:
