@@ -124,13 +124,6 @@ PERSONAS = {
 }
 
 PLAYERS = ["Ayla", "Bren", "Corin", "Dessa", "Ewan", "Fenna", "Garrick", "Hale", "Isolde", "Jory", "Kael", "Lira"]
-#: the fine-tuning set's player names: PLAYERS and 300 made of two syllables, so that a model learns to
-#: copy the name the request gives rather than to pick one of a dozen it has seen (bench.npc's held-out
-#: cases keep PLAYERS)
-SFT_PLAYERS = PLAYERS + [a + b for a in ("Ar", "Bel", "Cor", "Da", "El", "Fen", "Gar", "Hal", "Is", "Jor", "Kel", "Lor",
-                                          "Mar", "Nor", "Ol", "Pel", "Quin", "Ros", "Sel", "Tam", "Ul", "Vor", "Wen",
-                                          "Yr", "Zan", "Bri", "Ced", "Dun", "Ery", "Tor")
-                         for b in ("a", "en", "is", "ic", "wyn", "an", "o", "ia", "eth", "ric")]
 TIMES = ["early morning", "midday", "afternoon", "evening", "late at night"]
 WEATHER = {"rain": "this rain", "sunshine": "this sunshine", "fog": "this fog", "snow": "this snow",
            "wind": "this wind"}
@@ -1017,8 +1010,7 @@ def _response(spec: tuple, fill: dict) -> dict:
 
 
 def _request(rng: random.Random, pid: str, player_input: str, audience: str, *, quest_state=None,
-             weather: str | None = None, inline: bool = False, player_name: str | None = None,
-             players: list[str] = PLAYERS) -> dict:
+             weather: str | None = None, inline: bool = False, player_name: str | None = None) -> dict:
     req: dict = {}
     if inline:
         req["persona"] = PERSONAS[pid]
@@ -1038,7 +1030,7 @@ def _request(rng: random.Random, pid: str, player_input: str, audience: str, *, 
                                    "The player helped put out a fire at the mill yesterday.",
                                    "The player is a regular visitor."])
     req["context"] = ctx
-    req["player"] = {"id": f"p-{rng.randint(1000, 9999)}", "name": player_name or rng.choice(players)}
+    req["player"] = {"id": f"p-{rng.randint(1000, 9999)}", "name": player_name or rng.choice(PLAYERS)}
     req["player_input"] = player_input
     req["audience"] = audience
     if rng.random() < 0.3:
@@ -1131,13 +1123,12 @@ def _vary(resp: dict, req: dict, situation: str, rng: random.Random) -> None:
 
 
 def _turn(rng: random.Random, pid: str, candidate: tuple, audience: str, *, history_p: float,
-          vary: bool, history_inputs: dict[str, list[str]] | None = None, players: list[str] = PLAYERS) -> dict:
+          vary: bool, history_inputs: dict[str, list[str]] | None = None) -> dict:
     situation, text, spec, extra = candidate
     need = extra.get("min_audience")
     if need and npc.AUDIENCES.index(audience) < npc.AUDIENCES.index(need):
         audience = need
-    req = _request(rng, pid, text, audience, quest_state=extra.get("quest_state"), inline=rng.random() < 0.2,
-                   players=players)
+    req = _request(rng, pid, text, audience, quest_state=extra.get("quest_state"), inline=rng.random() < 0.2)
     if situation != "greet" and rng.random() < history_p:
         req["history"] = _history(rng, pid, req, history_inputs)
     resp = _response(spec, _fill(req, extra.get("place", "")))
@@ -1210,8 +1201,7 @@ def _sft_candidates(pid: str) -> dict[str, list[tuple]]:
 def build_sft(rng: random.Random, per_persona: int = SFT_RECORDS_PER_PERSONA) -> list[dict]:
     """The fine-tuning turns: per persona, :data:`SFT_QUOTAS` turns of each situation, each situation's
     candidates (phrasing x line) taken in a shuffled round so that every line and most phrasings
-    appear, with scenes, histories (their player lines from the same phrasings), audiences and player
-    names from :data:`SFT_PLAYERS`."""
+    appear, with scenes, histories (their player lines from the same phrasings) and audiences."""
     records = []
     for pid in PERSONAS:
         by_situation = _sft_candidates(pid)
@@ -1228,7 +1218,7 @@ def build_sft(rng: random.Random, per_persona: int = SFT_RECORDS_PER_PERSONA) ->
         for candidate in chosen:
             audience = AUDIENCE_CYCLE[len(records) % len(AUDIENCE_CYCLE)]
             records.append(_turn(rng, pid, candidate, audience, history_p=0.45, vary=True,
-                                 history_inputs=sft_inputs(), players=SFT_PLAYERS))
+                                 history_inputs=sft_inputs()))
     return records
 
 
