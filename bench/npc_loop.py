@@ -1,8 +1,9 @@
 """The learning half of the NPC quality benchmark: do adapter versions trained from well-rated
 experience score better on bench.npc's held-out cases than the version they started from?
 
-    python -m bench.npc_loop [--quick] [--lines N] [--samples K] [--seeds N] [--personas a,b,...] [--steps N]
-                             [--lr X] [--rehearsal X] [--cases FILE] [--limit N] [--replies FILE.jsonl]
+    python -m bench.npc_loop [--quick] [--lines N] [--samples K] [--seeds N] [--in-character closest|above-mean]
+                             [--personas a,b,...] [--steps N] [--lr X] [--rehearsal X] [--cases FILE] [--limit N]
+                             [--replies FILE.jsonl]
 
 One throw-away namespace on the RabbitMQ at ``AMQP_URL`` runs the real services in this process, on
 the offline default model: the aggregator (``PERSONA_ADAPTERS``: version 0 of each persona's adapter
@@ -16,8 +17,9 @@ inference consumer on vLLM (the transformers engine where vLLM is absent).
 2. **Rate.** A stand-in player rates each reply as a player who asked for something would: thumbs up
    (score 1) when it passed the output checks, its line is well-formed, it does what was asked (the
    intent, and where it acts the kind of action, of a line written for that kind of request: the
-   record's ``answers``) and it sounds like its persona (all-MiniLM-L6-v2: closer to its own persona's
-   description than to the others' on average); else thumbs down (score -1). Each rated reply goes
+   record's ``answers``), it sounds like its persona (all-MiniLM-L6-v2: closer to its own persona's
+   description than to any other's; ``--in-character above-mean``: than to the others' on average)
+   and the persona has not said that line already in a reply rated up; else thumbs down (score -1). Each rated reply goes
    out as :class:`npcbus.messages.Experience`, as the gateway publishes a turn's feedback.
 3. **Learn.** The loop turns each persona's thumbs-up experience into one training task (its
    thumbs-down experience is not used), the worker trains it from the adapter's current version,
@@ -81,18 +83,25 @@ def answers_request(response: dict, answers: list[dict]) -> bool:
                for a in answers)
 
 
+IN_CHARACTER = ("closest", "above-mean")
+
+
 def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[dict]], personas: list[str],
-            persona_texts: dict[str, str], embed) -> list[float]:
+            persona_texts: dict[str, str], embed, in_character: str = "closest") -> list[float]:
     """Score 1 (thumbs up) or -1 per reply, as a player who asked for something rates the answer: up
     when the reply passed the output checks, its line is well-formed, it does what was asked
-    (:func:`answers_request`), it sounds like its own persona (its line is closer, all-MiniLM-L6-v2
-    cosine, to its persona's description than to the other personas' descriptions on average) and the
+    (:func:`answers_request`), it sounds like its own persona (``in_character``: ``closest``, its line
+    is closer, all-MiniLM-L6-v2 cosine, to its persona's description than to any other persona's,
+    what bench.npc's persona consistency counts; ``above-mean``, closer to its own than to the others'
+    on average, a weaker test) and the
     persona has not said that line already (case and punctuation aside) in a reply rated up before it:
     a line heard twice is no longer a good answer."""
     import numpy as np
 
     from npcbus.quality import is_well_formed, words
 
+    if in_character not in IN_CHARACTER:
+        raise ValueError(f"in_character must be one of {IN_CHARACTER}")
     ids = list(persona_texts)
     lines = [(r or {}).get("dialogue", "") if isinstance(r, dict) else "" for r in responses]
     vecs = np.asarray(embed([persona_texts[i] for i in ids] + [x or " " for x in lines]), dtype=np.float64)
@@ -100,10 +109,12 @@ def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[
     out, heard = [], set()
     for i, (resp, ok, wanted, pid) in enumerate(zip(responses, valid, answers, personas, strict=True)):
         k = ids.index(pid)
-        in_character = len(ids) < 2 or float(sims[i, k]) > float(np.mean(np.delete(sims[i], k)))
+        others = np.delete(sims[i], k)
+        own_voice = len(ids) < 2 or float(sims[i, k]) > float(np.max(others) if in_character == "closest"
+                                                               else np.mean(others))
         said = (pid, " ".join(words(lines[i])))
         good = (ok and isinstance(resp, dict) and is_well_formed(lines[i]) and answers_request(resp, wanted)
-                and in_character and said not in heard)
+                and own_voice and said not in heard)
         if good:
             heard.add(said)
         out.append(1.0 if good else -1.0)
@@ -343,7 +354,7 @@ class System:
 
 def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cases_path: str | None,
         limit: int | None, max_tokens: int, steps: int, lr: float, concurrency: int, engine: str,
-        replies: str | None, timeout_s: float, rehearsal: float = 0.0) -> dict:
+        replies: str | None, timeout_s: float, rehearsal: float = 0.0, in_character: str = "closest") -> dict:
     from npcbus import quality as Q
     from npcbus.messages import FinalResponse
     from npcbus.model import persona_of
@@ -368,7 +379,7 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
             responses = [ev.response if isinstance(ev, FinalResponse) else None for _, ev in played]
             valid = [isinstance(ev, FinalResponse) and ev.valid for _, ev in played]
             scores = await asyncio.to_thread(ratings, responses, valid, [r.get("answers", []) for r, _ in played],
-                                             [persona_of(r) for r, _ in played], texts, embedder)
+                                             [persona_of(r) for r, _ in played], texts, embedder, in_character)
             up = {p: sum(1 for (r, _), s in zip(played, scores, strict=True) if s > 0 and persona_of(r) == p)
                   for p in personas}
             log(f"played {len(played)} turns in {time.monotonic() - t0:.1f} s; thumbs up per persona: {up}")
@@ -399,7 +410,7 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
         reports[name] = average_reports(per_seed)
     return {"reports": reports, "newest": newest, "thumbs_up": sum(s > 0 for s in scores),
             "thumbs_down": sum(s < 0 for s in scores), "played": len(played), "cases": len(held),
-            "seeds": seeds, "samples": samples, "rehearsal": rehearsal}
+            "seeds": seeds, "samples": samples, "rehearsal": rehearsal, "in_character": in_character}
 
 
 def _loop_default_rehearsal() -> float:
@@ -416,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lines", type=int, default=None,
                    help="play-set lines per persona, taken in turn from each kind of request (default: all 63; --quick 8)")
     p.add_argument("--samples", type=int, default=None,
-                   help="replies sampled (seeds) per play-set line (default 2; --quick 1)")
+                   help="replies sampled (seeds) per play-set line (default 3; --quick 1)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per held-out case; the figures are their means (default 3; --quick 1)")
     p.add_argument("--cases", default=None, help="held-out NPC records (default: bench.npc's)")
@@ -428,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rehearsal", type=float, default=None,
                    help="the loop's LOOP_REHEARSAL: written turns of the persona added per thumbs-up reply "
                         "(default: the loop's default, 0)")
+    p.add_argument("--in-character", default="closest", choices=IN_CHARACTER,
+                   help="the stand-in player's test of a persona's voice: closest (its own description is the "
+                        "nearest, the default) or above-mean (nearer its own than the others' on average)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; --quick 8)")
     p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"), help="inference engine")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the new versions")
@@ -439,18 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(os.environ.get("LOG_FORMAT", "console"), os.environ.get("LOG_LEVEL", "warning"))
     t0 = time.monotonic()
     result = run(personas=personas, lines=args.lines or (8 if args.quick else None),
-                 samples=args.samples or (1 if args.quick else 2), seeds=args.seeds or (1 if args.quick else 3),
+                 samples=args.samples or (1 if args.quick else 3), seeds=args.seeds or (1 if args.quick else 3),
                  cases_path=args.cases,
                  limit=args.limit if args.limit is not None else (16 if args.quick else None),
                  max_tokens=args.max_tokens or (160 if args.quick else 256),
                  steps=args.steps or (10 if args.quick else 30), lr=args.lr,
                  rehearsal=args.rehearsal if args.rehearsal is not None else _loop_default_rehearsal(),
                  concurrency=args.concurrency or (8 if args.quick else 16), engine=args.engine,
-                 replies=args.replies, timeout_s=args.timeout)
+                 replies=args.replies, timeout_s=args.timeout, in_character=args.in_character)
     log(B.table({"variants": result["reports"], "reference": None}))
     log(f"total {time.monotonic() - t0:.1f} s")
     extra = {"versions": result["newest"], "seeds": result["seeds"], "samples": result["samples"],
-             "rehearsal": result["rehearsal"], "quick": args.quick}
+             "in_character": result["in_character"], "rehearsal": result["rehearsal"], "quick": args.quick}
     print(json.dumps({"bench": "npc_loop.experience", "value": result["thumbs_up"], "baseline": result["played"],
                       "ratio": round(result["thumbs_up"] / result["played"], 4), "goal": "report", "met": None,
                       "thumbs_down": result["thumbs_down"], **extra}), flush=True)

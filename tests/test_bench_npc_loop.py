@@ -5,6 +5,7 @@ services in ``python -m bench.npc_loop --quick`` (CI)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bench import npc as B
 from bench import npc_loop as L
@@ -45,14 +46,18 @@ def test_a_reply_that_does_what_was_asked_in_character_gets_thumbs_up():
         # several written answers: any of them counts
         (_reply("My goat says hello to you.", "greet"), True, [{"intent": "inform", "actions": []}, *greet],
          "farmer", 1.0),
-        # the same line again from the same persona (case and punctuation aside) is no longer rated up ...
+        # the same line again from the same persona (case and punctuation aside) is no longer rated up
         (_reply("my goat says hello to you", "greet"), True, greet, "farmer", -1.0),
-        # ... while another persona may say it
-        (_reply("My goat says hello to you, the gate is open.", "greet"), True, greet, "guard", 1.0),
+        # a line as close to another persona as to its own is not in character
+        (_reply("The gate is north, and my goat too.", "inform", "give_directions"), True, directions, "guard", -1.0),
     ]
-    got = L.ratings([c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases],
-                    PERSONAS, _embed)
+    args = [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases]
+    got = L.ratings(*args, PERSONAS, _embed)
     assert got == [c[4] for c in cases]
+    # the weaker test of a persona's voice lets the line as close to the farmer as to the guard through
+    assert L.ratings(*args, PERSONAS, _embed, in_character="above-mean") == [c[4] for c in cases[:-1]] + [1.0]
+    with pytest.raises(ValueError, match="in_character"):
+        L.ratings(*args, PERSONAS, _embed, in_character="loud")
 
 
 def test_answers_request_needs_the_intent_and_where_the_answer_acts_the_action_kind():
