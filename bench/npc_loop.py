@@ -2,7 +2,7 @@
 experience score better on bench.npc's held-out cases than the version they started from?
 
     python -m bench.npc_loop [--quick] [--lines N] [--samples K] [--seeds N] [--in-character closest|above-mean]
-                             [--personas a,b,...] [--steps N] [--lr X] [--rehearsal X] [--cases FILE] [--limit N]
+                             [--rounds N] [--personas a,b,...] [--steps N] [--lr X] [--rehearsal X] [--cases FILE] [--limit N]
                              [--replies FILE.jsonl]
 
 One throw-away namespace on the RabbitMQ at ``AMQP_URL`` runs the real services in this process, on
@@ -23,7 +23,9 @@ inference consumer on vLLM (the transformers engine where vLLM is absent).
    out as :class:`npcbus.messages.Experience`, as the gateway publishes a turn's feedback.
 3. **Learn.** The loop turns each persona's thumbs-up experience into one training task (its
    thumbs-down experience is not used), the worker trains it from the adapter's current version,
-   and the aggregator makes, persists and announces the next version.
+   and the aggregator makes, persists and announces the next version. With ``--rounds N`` the
+   three steps repeat, each round playing the newest versions with new seeds (a line rated up in an
+   earlier round counts as heard).
 4. **Measure.** bench.npc's held-out cases through the same consumer, each with its persona's
    adapter pinned to version 0 and then to the newest version (fetched through the bus, as any
    consumer gets a version), each case with ``--seeds`` seeds (the first is bench.npc's), scored by
@@ -87,7 +89,8 @@ IN_CHARACTER = ("closest", "above-mean")
 
 
 def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[dict]], personas: list[str],
-            persona_texts: dict[str, str], embed, in_character: str = "closest") -> list[float]:
+            persona_texts: dict[str, str], embed, in_character: str = "closest",
+            heard: set | None = None) -> list[float]:
     """Score 1 (thumbs up) or -1 per reply, as a player who asked for something rates the answer: up
     when the reply passed the output checks, its line is well-formed, it does what was asked
     (:func:`answers_request`), it sounds like its own persona (``in_character``: ``closest``, its line
@@ -95,7 +98,8 @@ def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[
     what bench.npc's persona consistency counts; ``above-mean``, closer to its own than to the others'
     on average, a weaker test) and the
     persona has not said that line already (case and punctuation aside) in a reply rated up before it:
-    a line heard twice is no longer a good answer."""
+    a line heard twice is no longer a good answer. ``heard``: the (persona, line) pairs already rated up
+    (earlier rounds), updated in place."""
     import numpy as np
 
     from npcbus.quality import is_well_formed, words
@@ -106,7 +110,8 @@ def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[
     lines = [(r or {}).get("dialogue", "") if isinstance(r, dict) else "" for r in responses]
     vecs = np.asarray(embed([persona_texts[i] for i in ids] + [x or " " for x in lines]), dtype=np.float64)
     sims = vecs[len(ids):] @ vecs[: len(ids)].T  # [reply, persona]
-    out, heard = [], set()
+    out = []
+    heard = set() if heard is None else heard
     for i, (resp, ok, wanted, pid) in enumerate(zip(responses, valid, answers, personas, strict=True)):
         k = ids.index(pid)
         others = np.delete(sims[i], k)
@@ -204,9 +209,9 @@ def play_records(personas: list[str], lines: int | None) -> list[dict]:
     return out
 
 
-def seeded(records: list[dict], seeds: int) -> list[tuple[dict, int]]:
-    """Each record with seed offsets 0 .. seeds-1 (offset 0: the case's own seed, as bench.npc)."""
-    return [(r, k) for k in range(seeds) for r in records]
+def seeded(records: list[dict], seeds: int, start: int = 0) -> list[tuple[dict, int]]:
+    """Each record with seed offsets start .. start+seeds-1 (offset 0: the case's own seed, as bench.npc)."""
+    return [(r, k) for k in range(start, start + seeds) for r in records]
 
 
 async def delete_namespace(bus) -> None:
@@ -354,7 +359,8 @@ class System:
 
 def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cases_path: str | None,
         limit: int | None, max_tokens: int, steps: int, lr: float, concurrency: int, engine: str,
-        replies: str | None, timeout_s: float, rehearsal: float = 0.0, in_character: str = "closest") -> dict:
+        replies: str | None, timeout_s: float, rehearsal: float = 0.0, in_character: str = "closest",
+        rounds: int = 1) -> dict:
     from npcbus import quality as Q
     from npcbus.messages import FinalResponse
     from npcbus.model import persona_of
@@ -375,29 +381,40 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
         async with System(model_dir, personas, steps=steps, lr=lr, concurrency=concurrency, engine=engine,
                           rehearsal=rehearsal, work=work) as sys_:
             t0 = time.monotonic()
-            played = await sys_.ask(seeded(play, samples), {}, max_tokens, "play")
-            responses = [ev.response if isinstance(ev, FinalResponse) else None for _, ev in played]
-            valid = [isinstance(ev, FinalResponse) and ev.valid for _, ev in played]
-            scores = await asyncio.to_thread(ratings, responses, valid, [r.get("answers", []) for r, _ in played],
-                                             [persona_of(r) for r, _ in played], texts, embedder, in_character)
-            up = {p: sum(1 for (r, _), s in zip(played, scores, strict=True) if s > 0 and persona_of(r) == p)
-                  for p in personas}
-            log(f"played {len(played)} turns in {time.monotonic() - t0:.1f} s; thumbs up per persona: {up}")
-            await sys_.publish_experience(played, scores)
-            waiting = [p for p in personas if up[p]]
-            end = time.monotonic() + timeout_s
-            while any(sys_.version(p) < 1 for p in waiting):
-                if time.monotonic() > end:
-                    raise TimeoutError(f"no new version within {timeout_s:.0f} s for "
-                                       f"{[p for p in waiting if sys_.version(p) < 1]}")
-                await asyncio.sleep(1.0)
+            heard: set = set()
+            played_all, scores_all, per_round = [], [], []
+            for rnd in range(rounds):
+                current = {p: sys_.version(p) for p in personas}
+                played = await sys_.ask(seeded(play, samples, rnd * samples), current, max_tokens,
+                                        f"play, round {rnd + 1}")
+                responses = [ev.response if isinstance(ev, FinalResponse) else None for _, ev in played]
+                valid = [isinstance(ev, FinalResponse) and ev.valid for _, ev in played]
+                scores = await asyncio.to_thread(ratings, responses, valid, [r.get("answers", []) for r, _ in played],
+                                                 [persona_of(r) for r, _ in played], texts, embedder, in_character,
+                                                 heard)
+                up = {p: sum(1 for (r, _), s in zip(played, scores, strict=True) if s > 0 and persona_of(r) == p)
+                      for p in personas}
+                log(f"round {rnd + 1}: played {len(played)} turns with versions {current} "
+                    f"({time.monotonic() - t0:.1f} s); thumbs up per persona: {up}")
+                await sys_.publish_experience(played, scores)
+                waiting = [p for p in personas if up[p]]
+                end = time.monotonic() + timeout_s
+                while any(sys_.version(p) <= current[p] for p in waiting):
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"no new version within {timeout_s:.0f} s for "
+                                           f"{[p for p in waiting if sys_.version(p) <= current[p]]}")
+                    await asyncio.sleep(1.0)
+                played_all += played
+                scores_all += scores
+                per_round.append(sum(s > 0 for s in scores))
+            played, scores = played_all, scores_all
             newest = {p: sys_.version(p) for p in personas}
             log(f"new versions after {time.monotonic() - t0:.1f} s: {newest}")
             before = await sys_.ask(seeded(held, seeds), dict.fromkeys(personas, 0), max_tokens, "version 0")
             after = await sys_.ask(seeded(held, seeds), newest, max_tokens, "newest")
-            return played, scores, newest, before, after
+            return played, scores, per_round, newest, before, after
 
-    played, scores, newest, before, after = asyncio.run(main())
+    played, scores, per_round, newest, before, after = asyncio.run(main())
     if replies:
         B.write_replies(replies, {"play": played, "version 0": before, "newest": after})
     vocab = Q.build_vocabulary()
@@ -410,7 +427,8 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
         reports[name] = average_reports(per_seed)
     return {"reports": reports, "newest": newest, "thumbs_up": sum(s > 0 for s in scores),
             "thumbs_down": sum(s < 0 for s in scores), "played": len(played), "cases": len(held),
-            "seeds": seeds, "samples": samples, "rehearsal": rehearsal, "in_character": in_character}
+            "seeds": seeds, "samples": samples, "rehearsal": rehearsal, "in_character": in_character,
+            "rounds": rounds, "thumbs_up_per_round": per_round}
 
 
 def _loop_default_rehearsal() -> float:
@@ -442,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-character", default="closest", choices=IN_CHARACTER,
                    help="the stand-in player's test of a persona's voice: closest (its own description is the "
                         "nearest, the default) or above-mean (nearer its own than the others' on average)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds of play, rating and training, each from the newest versions (default 1)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; --quick 8)")
     p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"), help="inference engine")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the new versions")
@@ -460,14 +480,17 @@ def main(argv: list[str] | None = None) -> int:
                  steps=args.steps or (10 if args.quick else 30), lr=args.lr,
                  rehearsal=args.rehearsal if args.rehearsal is not None else _loop_default_rehearsal(),
                  concurrency=args.concurrency or (8 if args.quick else 16), engine=args.engine,
-                 replies=args.replies, timeout_s=args.timeout, in_character=args.in_character)
+                 replies=args.replies, timeout_s=args.timeout, in_character=args.in_character,
+                 rounds=max(1, args.rounds))
     log(B.table({"variants": result["reports"], "reference": None}))
     log(f"total {time.monotonic() - t0:.1f} s")
-    extra = {"versions": result["newest"], "seeds": result["seeds"], "samples": result["samples"],
+    extra = {"versions": result["newest"], "rounds": result["rounds"], "seeds": result["seeds"],
+             "samples": result["samples"],
              "in_character": result["in_character"], "rehearsal": result["rehearsal"], "quick": args.quick}
     print(json.dumps({"bench": "npc_loop.experience", "value": result["thumbs_up"], "baseline": result["played"],
                       "ratio": round(result["thumbs_up"] / result["played"], 4), "goal": "report", "met": None,
-                      "thumbs_down": result["thumbs_down"], **extra}), flush=True)
+                      "thumbs_down": result["thumbs_down"], "per_round": result["thumbs_up_per_round"], **extra}),
+          flush=True)
     for line in figure_lines(result["reports"]["version 0"], result["reports"]["newest"], **extra):
         print(json.dumps(line), flush=True)
     return 0

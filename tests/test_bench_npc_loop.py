@@ -56,6 +56,11 @@ def test_a_reply_that_does_what_was_asked_in_character_gets_thumbs_up():
     assert got == [c[4] for c in cases]
     # the weaker test of a persona's voice lets the line as close to the farmer as to the guard through
     assert L.ratings(*args, PERSONAS, _embed, in_character="above-mean") == [c[4] for c in cases[:-1]] + [1.0]
+    # lines rated up in an earlier round count as heard in the next
+    heard: set = set()
+    first = L.ratings(*args, PERSONAS, _embed, heard=heard)
+    assert first == got and ("farmer", "my goat says hello to you") in heard
+    assert L.ratings(*args, PERSONAS, _embed, heard=heard)[0::7] == [-1.0, -1.0]
     with pytest.raises(ValueError, match="in_character"):
         L.ratings(*args, PERSONAS, _embed, in_character="loud")
 
@@ -91,6 +96,7 @@ def test_the_play_set_is_new_to_training_and_held_out_and_comes_per_persona_in_t
 def test_seeded_plays_each_record_once_per_seed_offset():
     recs = [{"a": 1}, {"a": 2}]
     assert L.seeded(recs, 2) == [(recs[0], 0), (recs[1], 0), (recs[0], 1), (recs[1], 1)]
+    assert L.seeded(recs, 1, start=2) == [(recs[0], 2), (recs[1], 2)]  # a later round's own seeds
 
 
 def test_reports_of_several_seeds_are_averaged_figure_by_figure():
