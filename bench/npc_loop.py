@@ -2,7 +2,7 @@
 experience score better on bench.npc's held-out cases than the version they started from?
 
     python -m bench.npc_loop [--quick] [--lines N] [--samples K] [--seeds N] [--in-character closest|above-mean]
-                             [--rounds N] [--personas a,b,...] [--steps N] [--lr X] [--rehearsal X] [--cases FILE] [--limit N]
+                             [--coherence written|off] [--rounds N] [--personas a,b,...] [--steps N] [--lr X] [--rehearsal X] [--cases FILE] [--limit N]
                              [--replies FILE.jsonl]
 
 One throw-away namespace on the RabbitMQ at ``AMQP_URL`` runs the real services in this process, on
@@ -19,13 +19,15 @@ inference consumer on vLLM (the transformers engine where vLLM is absent).
    intent, and where it acts the kind of action, of a line written for that kind of request: the
    record's ``answers``), it sounds like its persona (all-MiniLM-L6-v2: closer to its own persona's
    description than to any other's; ``--in-character above-mean``: than to the others' on average)
-   and the persona has not said that line already in a reply rated up; else thumbs down (score -1). Each rated reply goes
+   and the persona has not said that line already in a reply rated up, and (``--coherence written``,
+   the default) every sentence of its line is a sentence of the written lines, since the default
+   model's lines that are not are splices of several; else thumbs down (score -1). Each rated reply goes
    out as :class:`npcbus.messages.Experience`, as the gateway publishes a turn's feedback.
 3. **Learn.** The loop turns each persona's thumbs-up experience into one training task (its
    thumbs-down experience is not used), the worker trains it from the adapter's current version,
    and the aggregator makes, persists and announces the next version. With ``--rounds N`` the
    three steps repeat, each round playing the newest versions with new seeds (a line rated up in an
-   earlier round counts as heard).
+   earlier round counts as heard); each round's versions are measured too (``by_round``).
 4. **Measure.** bench.npc's held-out cases through the same consumer, each with its persona's
    adapter pinned to version 0 and then to the newest version (fetched through the bus, as any
    consumer gets a version), each case with ``--seeds`` seeds (the first is bench.npc's), scored by
@@ -47,6 +49,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -86,11 +89,27 @@ def answers_request(response: dict, answers: list[dict]) -> bool:
 
 
 IN_CHARACTER = ("closest", "above-mean")
+COHERENCE = ("written", "off")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(line: str) -> list[str]:
+    """The sentences of a spoken line (split after . ! or ?)."""
+    return [x.strip() for x in _SENTENCE_END.split(line or "") if x.strip()]
+
+
+def written_sentences(files: tuple[str, ...] = ("npc_sft.jsonl", "npc_dialogue.jsonl")) -> frozenset[str]:
+    """Every sentence of the lines written in the shipped NPC data (scene tails and names filled in)."""
+    from npcbus.evaluate import read_jsonl
+    from npcbus.npc import DATA_DIR
+
+    return frozenset(x for name in files for r in read_jsonl(DATA_DIR / name)
+                     for x in sentences(r["response"]["dialogue"]))
 
 
 def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[dict]], personas: list[str],
             persona_texts: dict[str, str], embed, in_character: str = "closest",
-            heard: set | None = None) -> list[float]:
+            heard: set | None = None, whole: frozenset[str] | None = None) -> list[float]:
     """Score 1 (thumbs up) or -1 per reply, as a player who asked for something rates the answer: up
     when the reply passed the output checks, its line is well-formed, it does what was asked
     (:func:`answers_request`), it sounds like its own persona (``in_character``: ``closest``, its line
@@ -99,7 +118,9 @@ def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[
     on average, a weaker test) and the
     persona has not said that line already (case and punctuation aside) in a reply rated up before it:
     a line heard twice is no longer a good answer. ``heard``: the (persona, line) pairs already rated up
-    (earlier rounds), updated in place."""
+    (earlier rounds), updated in place. ``whole``: where given, also every sentence of the line must
+    be one of these (:func:`written_sentences`: a reader who spots a line spliced from pieces of
+    others, fitted to a model whose lines are the written ones)."""
     import numpy as np
 
     from npcbus.quality import is_well_formed, words
@@ -119,7 +140,8 @@ def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[
                                                                else np.mean(others))
         said = (pid, " ".join(words(lines[i])))
         good = (ok and isinstance(resp, dict) and is_well_formed(lines[i]) and answers_request(resp, wanted)
-                and own_voice and said not in heard)
+                and own_voice and said not in heard
+                and (whole is None or all(x in whole for x in sentences(lines[i]))))
         if good:
             heard.add(said)
         out.append(1.0 if good else -1.0)
@@ -360,7 +382,7 @@ class System:
 def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cases_path: str | None,
         limit: int | None, max_tokens: int, steps: int, lr: float, concurrency: int, engine: str,
         replies: str | None, timeout_s: float, rehearsal: float = 0.0, in_character: str = "closest",
-        rounds: int = 1) -> dict:
+        rounds: int = 1, coherence: str = "written") -> dict:
     from npcbus import quality as Q
     from npcbus.messages import FinalResponse
     from npcbus.model import persona_of
@@ -375,6 +397,7 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
         f"seeds; personas {', '.join(personas)}; {steps} training steps at lr {lr}")
     embedder = Q.Embedder(threads=2)
     texts = {pid: Q.persona_text(p) for pid, p in load_personas().items()}
+    whole = written_sentences() if coherence == "written" else None
 
     async def main():
         work = Path(tempfile.mkdtemp(prefix="bench-npcloop-"))
@@ -382,7 +405,7 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
                           rehearsal=rehearsal, work=work) as sys_:
             t0 = time.monotonic()
             heard: set = set()
-            played_all, scores_all, per_round = [], [], []
+            played_all, scores_all, per_round, snapshots = [], [], [], []
             for rnd in range(rounds):
                 current = {p: sys_.version(p) for p in personas}
                 played = await sys_.ask(seeded(play, samples, rnd * samples), current, max_tokens,
@@ -391,7 +414,7 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
                 valid = [isinstance(ev, FinalResponse) and ev.valid for _, ev in played]
                 scores = await asyncio.to_thread(ratings, responses, valid, [r.get("answers", []) for r, _ in played],
                                                  [persona_of(r) for r, _ in played], texts, embedder, in_character,
-                                                 heard)
+                                                 heard, whole)
                 up = {p: sum(1 for (r, _), s in zip(played, scores, strict=True) if s > 0 and persona_of(r) == p)
                       for p in personas}
                 log(f"round {rnd + 1}: played {len(played)} turns with versions {current} "
@@ -407,19 +430,23 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
                 played_all += played
                 scores_all += scores
                 per_round.append(sum(s > 0 for s in scores))
+                snapshots.append({p: sys_.version(p) for p in personas})
             played, scores = played_all, scores_all
             newest = {p: sys_.version(p) for p in personas}
             log(f"new versions after {time.monotonic() - t0:.1f} s: {newest}")
-            before = await sys_.ask(seeded(held, seeds), dict.fromkeys(personas, 0), max_tokens, "version 0")
-            after = await sys_.ask(seeded(held, seeds), newest, max_tokens, "newest")
-            return played, scores, per_round, newest, before, after
+            measured = {"version 0": await sys_.ask(seeded(held, seeds), dict.fromkeys(personas, 0), max_tokens,
+                                                    "version 0")}
+            for rnd, versions in enumerate(snapshots[:-1], 1):  # the versions of the rounds before the last
+                measured[f"round {rnd}"] = await sys_.ask(seeded(held, seeds), versions, max_tokens, f"round {rnd}")
+            measured["newest"] = await sys_.ask(seeded(held, seeds), newest, max_tokens, "newest")
+            return played, scores, per_round, newest, measured
 
-    played, scores, per_round, newest, before, after = asyncio.run(main())
+    played, scores, per_round, newest, measured = asyncio.run(main())
     if replies:
-        B.write_replies(replies, {"play": played, "version 0": before, "newest": after})
+        B.write_replies(replies, {"play": played, **measured})
     vocab = Q.build_vocabulary()
     reports = {}
-    for name, results in (("version 0", before), ("newest", after)):
+    for name, results in measured.items():
         per_seed = []
         for k in range(seeds):
             cases, errors = B.to_cases(results[k * len(held): (k + 1) * len(held)])
@@ -428,7 +455,7 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
     return {"reports": reports, "newest": newest, "thumbs_up": sum(s > 0 for s in scores),
             "thumbs_down": sum(s < 0 for s in scores), "played": len(played), "cases": len(held),
             "seeds": seeds, "samples": samples, "rehearsal": rehearsal, "in_character": in_character,
-            "rounds": rounds, "thumbs_up_per_round": per_round}
+            "rounds": rounds, "thumbs_up_per_round": per_round, "coherence": coherence}
 
 
 def _loop_default_rehearsal() -> float:
@@ -460,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-character", default="closest", choices=IN_CHARACTER,
                    help="the stand-in player's test of a persona's voice: closest (its own description is the "
                         "nearest, the default) or above-mean (nearer its own than the others' on average)")
+    p.add_argument("--coherence", default="written", choices=COHERENCE,
+                   help="written (default): a reply is rated up only if every sentence of its line is a sentence of "
+                        "the written lines (the default model's; use off for a model that writes its own)")
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds of play, rating and training, each from the newest versions (default 1)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; --quick 8)")
@@ -481,17 +511,25 @@ def main(argv: list[str] | None = None) -> int:
                  rehearsal=args.rehearsal if args.rehearsal is not None else _loop_default_rehearsal(),
                  concurrency=args.concurrency or (8 if args.quick else 16), engine=args.engine,
                  replies=args.replies, timeout_s=args.timeout, in_character=args.in_character,
-                 rounds=max(1, args.rounds))
+                 rounds=max(1, args.rounds), coherence=args.coherence)
     log(B.table({"variants": result["reports"], "reference": None}))
     log(f"total {time.monotonic() - t0:.1f} s")
-    extra = {"versions": result["newest"], "rounds": result["rounds"], "seeds": result["seeds"],
+    extra = {"versions": result["newest"], "rounds": result["rounds"], "coherence": result["coherence"],
+             "seeds": result["seeds"],
              "samples": result["samples"],
              "in_character": result["in_character"], "rehearsal": result["rehearsal"], "quick": args.quick}
     print(json.dumps({"bench": "npc_loop.experience", "value": result["thumbs_up"], "baseline": result["played"],
                       "ratio": round(result["thumbs_up"] / result["played"], 4), "goal": "report", "met": None,
                       "thumbs_down": result["thumbs_down"], "per_round": result["thumbs_up_per_round"], **extra}),
           flush=True)
-    for line in figure_lines(result["reports"]["version 0"], result["reports"]["newest"], **extra):
+    from npcbus import quality as Q
+
+    reports = result["reports"]
+    for line in figure_lines(reports["version 0"], reports["newest"], **extra):
+        if len(reports) > 2:  # several rounds: the figure of version 0, each round's versions, the newest
+            name = line["bench"].split(".", 1)[1]
+            vals = [rep[name].get(Q.GOALS[name][1]) for rep in reports.values()]
+            line["by_round"] = [None if v is None else round(v, 4) for v in vals]
         print(json.dumps(line), flush=True)
     return 0
 

@@ -61,6 +61,10 @@ def test_a_reply_that_does_what_was_asked_in_character_gets_thumbs_up():
     first = L.ratings(*args, PERSONAS, _embed, heard=heard)
     assert first == got and ("farmer", "my goat says hello to you") in heard
     assert L.ratings(*args, PERSONAS, _embed, heard=heard)[0::7] == [-1.0, -1.0]
+    # a reader who spots spliced lines: only lines made of known sentences are rated up
+    whole = frozenset({"The gate is north of here, citizen.", "My goat says hello to you."})
+    assert L.ratings(*args, PERSONAS, _embed, whole=whole) == got
+    assert L.ratings(*args, PERSONAS, _embed, whole=frozenset({"My goat says hello to you."}))[0] == -1.0
     with pytest.raises(ValueError, match="in_character"):
         L.ratings(*args, PERSONAS, _embed, in_character="loud")
 
@@ -91,6 +95,15 @@ def test_the_play_set_is_new_to_training_and_held_out_and_comes_per_persona_in_t
     assert all(r["response"]["dialogue"] and r["answers"] for r in everything)
     # every written line for the record does what was asked by its own answers
     assert all(L.answers_request(r["response"], r["answers"]) for r in everything)
+
+
+def test_sentences_split_a_line_and_the_written_ones_come_from_the_shipped_lines():
+    assert L.sentences("Hm. Kind of you! Stay safe out there? Any time, Jory.") == [
+        "Hm.", "Kind of you!", "Stay safe out there?", "Any time, Jory."]
+    assert L.sentences("") == []
+    written = L.written_sentences()
+    assert "Welcome to the Sleepy Lantern, love!" in written and "Sit anywhere that isn't sticky." in written
+    assert "My goat ate. Then friend of my other never else." not in written
 
 
 def test_seeded_plays_each_record_once_per_seed_offset():
