@@ -14,6 +14,12 @@
 - Requests with streamed replies: :meth:`Bus.request_stream` publishes with a correlation id and
   reply-to queue (one exclusive queue per process) and yields replies in sequence order until a
   final event, failing with :class:`BusTimeout` at the deadline.
+- Exclusive queues (the reply queue, per-process listener queues) belong to one connection: after
+  a reconnect each is declared again under a new name (``<name>.<n>``) before the bus counts as
+  connected, and a request never names a reply queue of a lost connection (see
+  :meth:`Bus.reply_queue`). Declaring it again under its old name is not safe on a RabbitMQ 3.x
+  cluster: each surviving node deletes the dead node's transient queues, and their bindings, by
+  name, in its own time, and so can delete the queue just declared again under that name.
 - Using the bus before :meth:`Bus.connect` raises :class:`BusNotConnected`.
 """
 
@@ -24,7 +30,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -70,7 +76,15 @@ class BusNotConnected(BusError):
 
 class BusConnectionLost(BusError):
     """The connection to the broker was lost while a request waited for its replies: the reply
-    queue (exclusive to the connection) went with it, so the replies cannot all arrive. Retry."""
+    queue (exclusive to the connection) went with it, so the replies cannot all arrive. Retry.
+    Also raised when a request needs a reply queue while the connection is down and it does not
+    come back within the publish timeout."""
+
+
+class _StaleReplyTo(BusConnectionLost):
+    """A request was about to be published naming the reply queue of a lost connection (the
+    connection went while the request was being published). It was not published; the request
+    methods send it again with the reply queue of the new connection."""
 
 
 _LOST = object()  # put into every waiting request's queue when the connection goes
@@ -180,16 +194,28 @@ def _make_delivery(queue: str, msgs: list[AbstractIncomingMessage], size: int) -
 
 
 class Consumer:
-    """A running consumer; keeps the queue referenced so the robust channel restores it."""
+    """A running consumer; keeps the queue referenced so the robust channel restores it.
+
+    The consumer of an exclusive queue (``spec.exclusive``: the queue lives and dies with the
+    connection) is not restored by aio-pika under its old name: the bus declares the queue again
+    under a new name after each reconnect (:meth:`Bus._renew`); ``spec`` is then the current one
+    and ``base_spec`` the one it was started with."""
 
     def __init__(self, bus: Bus, spec: QueueSpec, queue: AbstractQueue, channel, handler: Handler,
                  *, decode_messages: bool = True):
         self.bus = bus
         self.spec = spec
+        self.base_spec = spec
         self.queue = queue
         self.channel = channel
         self.handler = handler
         self.tag: str | None = None
+        self.epoch = bus._epoch  # the connection (counted by the bus) the queue was declared on
+        self.prefetch = 0
+        self.no_ack = False
+        self.exclusive_consumer = False
+        self.on_message: Callable[[AbstractIncomingMessage], Awaitable[None]] | None = None
+        self.renew_lock = asyncio.Lock()
         self.assembler = Assembler(max_payload_bytes=bus.settings_max_payload, timeout_s=bus.chunk_timeout_s)
         self._sweeper: asyncio.Task | None = None
         self.inflight: set[asyncio.Task] = set()
@@ -199,6 +225,11 @@ class Consumer:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def per_connection(self) -> bool:
+        """Whether the queue is exclusive to the connection (declared anew after a reconnect)."""
+        return self.spec.exclusive
 
     async def pause(self) -> None:
         """Stop new deliveries but keep the channel, so deliveries in hand can still be settled."""
@@ -402,8 +433,9 @@ class Bus:
         self.publisher_refreshes = 0
         self._background: set[asyncio.Task] = set()
         self._consumers: list[Consumer] = []
-        self._reply_queue: str | None = None
+        self._epoch = 0  # connections lost so far: exclusive queues of an older epoch are gone
         self._reply_consumer: Consumer | None = None
+        self._retired_reply_queues: set[str] = set()  # reply queues of lost connections
         self._reply_lock = asyncio.Lock()
         self._pending: dict[str, asyncio.Queue] = {}
         self._reply_assembler = Assembler(max_payload_bytes=max_payload_bytes, timeout_s=chunk_timeout_s)
@@ -449,6 +481,11 @@ class Bus:
         if not self._closed:
             self._connected_evt.clear()
             metrics.BUS_CONNECTED.labels(self.name).set(0)
+            # every exclusive queue went with the connection; the reply queue's name must not be
+            # named by any request from now on (_publish_raw refuses it)
+            self._epoch += 1
+            if self._reply_consumer is not None:
+                self._retired_reply_queues.add(self._reply_consumer.name)
             # the reply queue is exclusive to the lost connection: replies sent meanwhile are gone,
             # so every request still waiting ends now (BusConnectionLost) instead of at its deadline
             for q in self._pending.values():
@@ -460,15 +497,93 @@ class Bus:
         """The URL (password masked) of the broker node this bus is connected to now."""
         return _mask(str(self._conn.url)) if self._conn is not None else ""
 
-    def _on_reconnect(self, *_args) -> None:
+    async def _on_reconnect(self, *_args) -> None:
+        """aio-pika has restored the channels and the robust queues and consumers. The exclusive
+        queues are declared again under new names (:meth:`_renew`) before the bus counts as
+        connected, so that no request is published naming a reply queue that does not exist."""
         self.reconnects += 1
         self._reconnected_at = time.monotonic()
-        self._connected_evt.set()
-        metrics.BUS_CONNECTED.labels(self.name).set(1)
         # pieces held from the old channel can no longer be settled; the broker redelivers them
         for c in self._consumers:
             c.assembler.drop_tokens(lambda m: getattr(m, "channel", None) is None or m.channel.is_closed)
-        log.info("bus reconnected", client=self.name, reconnects=self.reconnects, broker=self.broker_url)
+        epoch = self._epoch
+        try:
+            if not await self._renew_all():
+                self._spawn(self._renew_later(epoch))
+        finally:
+            if not self._closed and self._epoch == epoch:
+                self._connected_evt.set()
+                metrics.BUS_CONNECTED.labels(self.name).set(1)
+        log.info("bus reconnected", client=self.name, reconnects=self.reconnects, broker=self.broker_url,
+                 reply_queue=self._reply_consumer.name if self._reply_consumer is not None else None)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _renew_all(self) -> bool:
+        """Declare every exclusive queue of an older connection again on this one; False if one
+        could not be (it is logged and tried again)."""
+        ok = True
+        for c in list(self._consumers):
+            if not c.per_connection or c.epoch == self._epoch:
+                continue
+            try:
+                await self._renew(c)
+            except Exception as e:  # noqa: BLE001 - the others are renewed all the same
+                ok = False
+                log.warning("could not declare an exclusive queue on the new connection; will retry",
+                            queue=c.base_spec.name, error=f"{type(e).__name__}: {e}")
+        return ok
+
+    async def _renew_later(self, epoch: int) -> None:
+        """Retry :meth:`_renew_all` while the connection of ``epoch`` lasts."""
+        while not self._closed and self._epoch == epoch:
+            await asyncio.sleep(max(0.1, self.settings.reconnect_s))
+            if self._closed or self._epoch != epoch or await self._renew_all():
+                return
+
+    async def _renew(self, c: Consumer) -> None:
+        """Declare ``c``'s exclusive queue on the current connection under a name of its own
+        (``<base name>.<epoch>``), bind and consume it, if it was declared on a lost connection.
+
+        Its old name is never declared again: on a RabbitMQ 3.x cluster every surviving node
+        deletes the dead node's transient queues (record and bindings) by name, each in its own
+        time (``rabbit_amqqueue:on_node_down``), so a queue declared again under the old name on
+        another node can lose its bindings moments later while its consumer lives on, and replies
+        to it are returned unroutable with nothing to tell this process."""
+        async with c.renew_lock:
+            epoch = self._epoch
+            if c.epoch == epoch or self._closed or self._conn is None:
+                return
+            old = c.spec
+            base = c.base_spec
+            name = f"{base.name}.{epoch}"
+            spec = replace(base, name=name, bindings=tuple((ex, name if rk == base.name else rk)
+                                                           for ex, rk in base.bindings))
+            ch = c.channel
+            if ch is None or ch.is_closed:
+                ch = await self._conn.channel()
+                await ch.set_qos(prefetch_count=c.prefetch)
+            try:
+                async with asyncio.timeout(self.publish_timeout_s):
+                    q = await self._declare_queue(ch, spec, robust=False)
+                    tag = None
+                    if c.tag is not None and c.on_message is not None:  # not paused
+                        tag = await q.consume(c.on_message, no_ack=c.no_ack, exclusive=c.exclusive_consumer,
+                                              robust=False)
+            except BaseException:
+                if ch is not c.channel:
+                    with contextlib.suppress(Exception):
+                        await ch.close()
+                raise
+            if ch is not c.channel:
+                with contextlib.suppress(Exception):
+                    await c.channel.close()
+            c.spec, c.queue, c.channel, c.tag, c.epoch = spec, q, ch, tag, epoch
+            log.info("exclusive queue declared on the new connection", queue=spec.name, previous=old.name,
+                     client=self.name)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         self._require()
@@ -558,11 +673,19 @@ class Bus:
         finally:
             await ch.close()
 
-    async def _declare_queue(self, ch, spec: QueueSpec) -> AbstractQueue:
+    async def _declare_queue(self, ch, spec: QueueSpec, *, robust: bool = True) -> AbstractQueue:
+        """Declare and bind ``spec`` on ``ch``; with ``robust`` (a robust channel) aio-pika declares
+        and binds it again, under the same name, after a reconnect."""
+        if robust:
+            q = await ch.declare_queue(spec.name, durable=spec.durable, exclusive=spec.exclusive,
+                                       auto_delete=spec.auto_delete, arguments=spec.arguments)
+            for ex, rk in spec.bindings:
+                await q.bind(ex, routing_key=rk)
+            return q
         q = await ch.declare_queue(spec.name, durable=spec.durable, exclusive=spec.exclusive,
-                                   auto_delete=spec.auto_delete, arguments=spec.arguments)
+                                   auto_delete=spec.auto_delete, arguments=spec.arguments, robust=False)
         for ex, rk in spec.bindings:
-            await q.bind(ex, routing_key=rk)
+            await q.bind(ex, routing_key=rk, robust=False)
         return q
 
     # publishing ------------------------------------------------------------------------------
@@ -631,6 +754,9 @@ class Bus:
         delay = 0.05
         refreshed = False
         while True:
+            if props.reply_to is not None and props.reply_to in self._retired_reply_queues:
+                raise _StaleReplyTo(f"the reply queue {props.reply_to!r} went with the lost connection; "
+                                    "the request was not published")
             try:
                 if self._pub.is_closed:
                     raise aiormq.exceptions.ChannelInvalidStateError("the publishing channel is closed")
@@ -717,12 +843,18 @@ class Bus:
         self._require()
         ch = await self._conn.channel()
         await ch.set_qos(prefetch_count=prefetch or self.settings.prefetch)
+        # an exclusive queue goes with the connection: after a reconnect the bus declares it again
+        # under a new name (_renew), so aio-pika must not restore it under this one
+        robust = not spec.exclusive
         if declare:
-            q = await self._declare_queue(ch, spec)
+            q = await self._declare_queue(ch, spec, robust=robust)
         else:
             q = await ch.get_queue(spec.name, ensure=True)
         c = Consumer(self, spec, q, ch, handler)
         c.on_malformed = on_malformed
+        c.prefetch = prefetch or self.settings.prefetch
+        c.no_ack = no_ack
+        c.exclusive_consumer = exclusive
 
         async def on_message(m: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
@@ -732,7 +864,8 @@ class Bus:
             finally:
                 c.inflight.discard(task)
 
-        c.tag = await q.consume(on_message, no_ack=no_ack, exclusive=exclusive)
+        c.on_message = on_message
+        c.tag = await q.consume(on_message, no_ack=no_ack, exclusive=exclusive, robust=robust)
         c._sweeper = asyncio.create_task(self._sweep(c))
         self._consumers.append(c)
         log.info("consuming", queue=spec.name, prefetch=prefetch or self.settings.prefetch)
@@ -857,15 +990,69 @@ class Bus:
 
     # replies and request/stream --------------------------------------------------------------
     async def reply_queue(self) -> str:
-        """This process's exclusive reply queue (declared and consumed on first use)."""
+        """The name of this process's exclusive reply queue on the current connection (declared
+        and consumed on first use).
+
+        The queue goes with its connection; after a reconnect it is declared again under a new name
+        (``NS.reply.<client id>.<n>``). The name returned is that of a queue declared, bound and
+        consumed on the current connection: when the connection is down, this waits for the
+        reconnect (up to the publish timeout; then :class:`BusConnectionLost`)."""
         self._require()
         async with self._reply_lock:
-            if self._reply_queue is None:
+            c = self._reply_consumer
+            if c is None:
                 spec = self.topology.reply_queue(self.client_id)
-                self._reply_consumer = await self.consume(spec, self._on_reply, prefetch=1000, no_ack=True,
-                                                          exclusive=True)
-                self._reply_queue = spec.name
-        return self._reply_queue
+                c = self._reply_consumer = await self.consume(spec, self._on_reply, prefetch=1000, no_ack=True,
+                                                              exclusive=True)
+        if c.epoch != self._epoch:
+            await self._current(c)
+        return c.name
+
+    async def _current(self, c: Consumer) -> None:
+        """Make sure ``c``'s exclusive queue is declared on the current connection, waiting for a
+        reconnect (up to the publish timeout) where the connection is down."""
+        deadline = time.monotonic() + self.publish_timeout_s
+        while c.epoch != self._epoch:
+            if self._closed:
+                raise BusNotConnected("the bus was closed")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BusConnectionLost(f"the broker connection is lost and did not come back within "
+                                        f"{self.publish_timeout_s:g} s: no reply queue to name")
+            if not self._connected_evt.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._connected_evt.wait(), remaining)
+                continue
+            epoch = self._epoch
+            try:
+                await self._renew(c)
+            except Exception as e:  # noqa: BLE001 - a lost connection is waited for; else a clear error
+                if self._epoch == epoch and not self._closed:
+                    raise BusError(f"could not declare the reply queue on the new connection: "
+                                   f"{type(e).__name__}: {e}") from e
+
+    async def _publish_request(self, exchange: str, routing_key: str, msg: Message, cid: str, *,
+                               persistent: bool, deadline: float | None) -> asyncio.Queue:
+        """Publish a request naming this process's current reply queue; returns the queue its
+        replies are put in (registered before the publish, so no reply can come first).
+
+        A request caught by a lost connection while it was being published is not published
+        afterwards naming the old connection's reply queue (its replies could not arrive): it is
+        sent again naming the new connection's one (a few times at most, within the deadline)."""
+        for attempt in range(3):
+            reply_to = await self.reply_queue()
+            q: asyncio.Queue = asyncio.Queue()
+            self._pending[cid] = q
+            try:
+                await self.publish(exchange, routing_key, msg, persistent=persistent, deadline=deadline,
+                                   correlation_id=cid, reply_to=reply_to, headers=_BATCH_OK)
+                return q
+            except _StaleReplyTo:
+                if attempt == 2:
+                    raise
+                log.info("request caught by a reconnect; sending it again with the new reply queue",
+                         correlation_id=cid, stale_reply_to=reply_to)
+        raise AssertionError("unreachable")
 
     async def _on_reply(self, msg: Message, d: Delivery) -> Outcome:
         if type(msg) is ReplyBatch:
@@ -932,14 +1119,11 @@ class Bus:
         """
         if deadline is None and timeout is not None:
             deadline = time.time() + timeout
-        reply_to = await self.reply_queue()
         cid = correlation_id or self._next_id()
-        q: asyncio.Queue = asyncio.Queue()
-        self._pending[cid] = q
         final = is_final or _default_final
         try:
-            await self.publish(exchange, routing_key, msg, persistent=persistent, deadline=deadline,
-                               correlation_id=cid, reply_to=reply_to, headers=_BATCH_OK)
+            q = await self._publish_request(exchange, routing_key, msg, cid, persistent=persistent,
+                                            deadline=deadline)
             expected = 0
             held: dict[int, Message] = {}
             while True:
@@ -986,13 +1170,10 @@ class Bus:
         """Publish a request and return its single reply (:class:`BusTimeout` at the deadline)."""
         if deadline is None and timeout is not None:
             deadline = time.time() + timeout
-        reply_to = await self.reply_queue()
         cid = self._next_id()
-        q: asyncio.Queue = asyncio.Queue(maxsize=0)
-        self._pending[cid] = q
         try:
-            await self.publish(exchange, routing_key, msg, persistent=persistent, deadline=deadline,
-                               correlation_id=cid, reply_to=reply_to, headers=_BATCH_OK)
+            q = await self._publish_request(exchange, routing_key, msg, cid, persistent=persistent,
+                                            deadline=deadline)
             if q.empty():
                 try:
                     async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.time())):

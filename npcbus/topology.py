@@ -224,6 +224,8 @@ class Topology:
         return QueueSpec(self.name(f"gen.{model_id}"), arguments=args, bindings=((self.gen_exchange, model_id),))
 
     def reply_queue(self, client_id: str) -> QueueSpec:
+        """A process's exclusive reply queue, bound to ``NS.replies`` under its own name. The bus
+        declares it again as ``<name>.<n>`` after each reconnect (see :meth:`npcbus.bus.Bus.reply_queue`)."""
         name = self.name(f"reply.{client_id}")
         return QueueSpec(name, durable=False, exclusive=True, auto_delete=True,
                          arguments={"x-queue-type": "classic"}, bindings=((self.replies_exchange, name),))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import subprocess
 import sys
 import textwrap
 import time
@@ -215,6 +218,126 @@ async def test_consumer_resumes_after_connection_cut_and_nothing_acked_is_lost(b
         await publisher.close()
         await proxy.close()
         await delete_namespace(bus_settings)
+
+
+def _drop_like_a_surviving_node(queue: str, vhost: str = "/") -> None:
+    """What RabbitMQ 3.10 does on each surviving node of a cluster when a node dies
+    (``rabbit_amqqueue:on_node_down``): it lists the dead node's transient queues by name, then
+    deletes the queue record and the bindings of each *name*, in later transactions and once per
+    surviving node. A queue declared again under that name in between (a requester that failed over
+    and re-declared its reply queue) loses its record and bindings while its process and consumer
+    live on: replies to it are returned unroutable, and nothing tells the requester."""
+    expr = (f'R = rabbit_misc:r(<<"{vhost}">>, queue, <<"{queue}">>), '
+            "rabbit_misc:execute_mnesia_transaction(fun () -> ok = mnesia:delete({rabbit_queue, R}), "
+            "rabbit_binding:remove_transient_for_destination(R) end).")
+    out = subprocess.run(["rabbitmqctl", "-q", "eval", expr], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 or re.search(r"\bundef\b", out.stdout):
+        pytest.skip(f"this broker does not keep queues in Mnesia (RabbitMQ 3.x): {out.stdout.strip()} {out.stderr.strip()}")
+
+
+async def _reconnected(b: Bus, before: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not (b.connected and b.reconnects > before):
+        assert time.monotonic() < end, "the bus did not reconnect"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(120)
+async def test_reply_queue_survives_the_stale_cleanup_of_a_dead_node_after_a_reconnect(bus_settings):
+    """The kill -9 cluster test's flake: after a failover, the requester's reply queue was declared
+    again under its old name, and the stale cleanup of the dead node (run by another surviving node)
+    then deleted it by that name: the inference consumer's replies came back unroutable for as long
+    as the gateway stayed connected. Now each connection gets a reply queue of its own name, declared
+    before any request names it, so the stale cleanup cannot reach it; so do the per-process
+    listener queues (here the events one)."""
+    proxy = await TCPProxy().start()
+    via_proxy = BusSettings.from_env({"AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+                                      "NPCBUS_NAMESPACE": bus_settings.namespace, "AMQP_RECONNECT_S": "0.2"})
+    server = Bus(bus_settings, name="server")
+    client = Bus(via_proxy, name="client")
+    await server.connect()
+    await server.declare_topology()
+    await client.connect()
+    topo = server.topology
+    unroutable: list[str] = []
+    events: list[str] = []
+    try:
+        async def answer(msg, d):
+            try:
+                await server.reply(d, Cancel("pong:" + msg.request_id))
+            except Unroutable:
+                unroutable.append(d.reply_to or "")
+            return Ack()
+
+        async def on_event(msg, _d):
+            events.append(msg.request_id)
+            return Ack()
+
+        await server.consume(topo.gen_queue("ping"), answer)
+        listener = await client.consume(topo.listener_queue("events", client.client_id, topo.events_exchange),
+                                        on_event, no_ack=True, exclusive=True)
+        old, old_listener = await client.reply_queue(), listener.name
+        assert (await client.request(topo.gen_exchange, "ping", Cancel("1"), timeout=10)).request_id == "pong:1"
+
+        before = client.reconnects
+        assert proxy.cut() >= 1
+        await _reconnected(client, before)
+        for name in (old, old_listener):
+            _drop_like_a_surviving_node(name)  # lands after the reconnect, as in the race
+
+        t0 = time.monotonic()
+        reply = await client.request(topo.gen_exchange, "ping", Cancel("2"), timeout=5)
+        assert reply.request_id == "pong:2" and time.monotonic() - t0 < 2
+        assert not unroutable
+        assert await client.reply_queue() != old and listener.name != old_listener
+        await server.publish(topo.events_exchange, "", Cancel("heard"), persistent=False)
+        end = time.monotonic() + 5
+        while "heard" not in events:
+            assert time.monotonic() < end, "the listener queue lost its binding"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.close()
+        await server.close()
+        await proxy.close()
+        await delete_namespace(bus_settings, [topo.gen_queue("ping").name])
+
+
+@pytest.mark.timeout(120)
+async def test_request_caught_by_a_reconnect_is_sent_again_with_the_new_reply_queue(bus_settings):
+    """A request whose publish is caught by a lost connection is not published after the reconnect
+    naming the reply queue that went with the old connection (its replies could never arrive): it
+    is sent again naming the new connection's reply queue, and answered."""
+    proxy = await TCPProxy().start()
+    via_proxy = BusSettings.from_env({"AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+                                      "NPCBUS_NAMESPACE": bus_settings.namespace, "AMQP_RECONNECT_S": "0.2"})
+    server = Bus(bus_settings, name="server")
+    client = Bus(via_proxy, name="client")
+    await server.connect()
+    await server.declare_topology()
+    await client.connect()
+    topo = server.topology
+    seen: list[str] = []
+    try:
+        async def answer(msg, d):
+            seen.append(d.reply_to or "")
+            with contextlib.suppress(Unroutable):
+                await server.reply(d, Cancel("pong:" + msg.request_id))
+            return Ack()
+
+        await server.consume(topo.gen_queue("ping"), answer)
+        old = await client.reply_queue()
+        before = client.reconnects
+        assert proxy.cut() >= 1  # the client has not noticed yet: it publishes into the dead socket
+        t0 = time.monotonic()
+        reply = await client.request(topo.gen_exchange, "ping", Cancel("caught"), timeout=20)
+        assert reply.request_id == "pong:caught" and time.monotonic() - t0 < 10
+        assert client.reconnects > before
+        assert seen and old not in seen, seen
+    finally:
+        await client.close()
+        await server.close()
+        await proxy.close()
+        await delete_namespace(bus_settings, [topo.gen_queue("ping").name])
 
 
 async def test_64_mib_payload_travels_chunked_and_verified(bus):
