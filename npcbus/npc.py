@@ -514,12 +514,20 @@ def _compact_user_message(req: NPCRequest) -> str:
     return "\n".join(lines)
 
 
+def _minimal_user_message(req: NPCRequest) -> str:
+    """The conversation, then whose turn it is: the persona's name and id again, next to where the
+    answer starts (a small model keeps to the voice it is told last)."""
+    persona = req["persona"]
+    return f"{_compact_user_message(req)}\n{persona['name']} ({persona['id']}):"
+
+
 PROMPT_STYLES = ("full", "compact", "minimal")
 """How an NPC request becomes messages. ``full`` spells out the persona, the scene, the audience rules and
 the exact JSON format in words, for instruction-tuned models. ``compact`` gives the same facts as short
 labelled lines (about a fifth of the tokens), for small models trained on it. ``minimal`` names the
 persona (name and id: a model trained on the persona's turns knows the rest), the scene and quests
-and the audience, then the conversation (about a tenth of the tokens), for the offline default
+and the audience, then the conversation and the persona's name and id again as the speaker of the
+turn to come (about a tenth of the tokens), for the offline default
 model: a model that small reads no description, and short prompts buy it more training in the same
 time. The response schema constrains the output (allowed actions, targets, emotions) either way."""
 
@@ -571,7 +579,7 @@ def build_messages(request: Any, style: str = "full") -> list[dict[str, str]]:
                 {"role": "user", "content": _compact_user_message(req)}]
     if style == "minimal":
         return [{"role": "system", "content": _minimal_system_message(req)},
-                {"role": "user", "content": _compact_user_message(req)}]
+                {"role": "user", "content": _minimal_user_message(req)}]
     if style != "full":
         raise ValueError(f"unknown prompt style {style!r}; use one of {', '.join(PROMPT_STYLES)}")
     return [{"role": "system", "content": _system_message(req)}, {"role": "user", "content": _user_message(req)}]

@@ -989,7 +989,7 @@ def test_a_plan_first_model_writes_intent_and_actions_before_the_line_and_the_re
     assert npc.response_order_of(tok) == "dialogue_first"
 
 
-def test_minimal_prompt_names_the_persona_scene_and_audience_then_the_conversation():
+def test_minimal_prompt_names_the_persona_scene_and_audience_then_the_conversation_then_the_speaker():
     rec = next(r for r in DIALOGUE if r["request"].get("history") and r["request"].get("persona_id"))
     req = npc.validate_request(rec["request"])
     system, user = (m["content"] for m in npc.build_messages(req, "minimal"))
@@ -997,8 +997,10 @@ def test_minimal_prompt_names_the_persona_scene_and_audience_then_the_conversati
     assert system.splitlines()[0] == f"{persona['name']} ({persona['id']})"
     assert f"Audience: {req['audience']}" in system and req["context"]["time_of_day"] in system
     assert persona["description"] not in system and "Targets:" not in system
-    assert user == npc.build_messages(req, "compact")[1]["content"]
-    assert user.endswith(f"{req['player']['name']}: {req['player_input']}")
+    # the conversation as the compact style gives it, then the persona named as the next speaker
+    compact_user = npc.build_messages(req, "compact")[1]["content"]
+    assert compact_user.endswith(f"{req['player']['name']}: {req['player_input']}")
+    assert user == f"{compact_user}\n{persona['name']} ({persona['id']}):"
     assert len(npc.build_prompt(req, style="minimal")) * 2 < len(npc.build_prompt(req, style="compact"))
 
 
