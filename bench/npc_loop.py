@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -90,21 +89,19 @@ def answers_request(response: dict, answers: list[dict]) -> bool:
 
 IN_CHARACTER = ("closest", "above-mean")
 COHERENCE = ("written", "off")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
 def sentences(line: str) -> list[str]:
-    """The sentences of a spoken line (split after . ! or ?)."""
-    return [x.strip() for x in _SENTENCE_END.split(line or "") if x.strip()]
+    """The sentences of a spoken line (:func:`npcbus.quality.sentences`)."""
+    from npcbus.quality import sentences as split
+
+    return split(line)
 
 
 def written_sentences(files: tuple[str, ...] = ("npc_sft.jsonl", "npc_dialogue.jsonl")) -> frozenset[str]:
-    """Every sentence of the lines written in the shipped NPC data (scene tails and names filled in)."""
-    from npcbus.evaluate import read_jsonl
+    """Every sentence of the lines written in the shipped NPC data (:func:`npcbus.quality.written_sentences`)."""
     from npcbus.npc import DATA_DIR
+    from npcbus.quality import written_sentences as written
 
-    return frozenset(x for name in files for r in read_jsonl(DATA_DIR / name)
-                     for x in sentences(r["response"]["dialogue"]))
+    return written(DATA_DIR, tuple(files))
 
 
 def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[dict]], personas: list[str],

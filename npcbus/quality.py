@@ -20,7 +20,10 @@ needed to judge it: the persona's id and description, the player's line, the res
 - :func:`request_match`: the share of replies with the intent (and kind of action) of the case's
   written reference;
 - :func:`player_name_accuracy`: of the replies that name a player (the case's player or any player
-  name in the shipped data, :func:`known_player_names`), the share that name only the right one.
+  name in the shipped data, :func:`known_player_names`), the share that name only the right one;
+- :func:`written_sentence_rate`: the share of replies made only of sentences of the shipped
+  training lines (:func:`written_sentences`): for the default model, the replies that are not
+  spliced together from pieces of several lines.
 
 The embedding figures take ``embed``: any callable from a list of texts to an array of unit
 vectors, one row per text; :class:`Embedder` is the real one (all-MiniLM-L6-v2 from the
@@ -63,6 +66,7 @@ GOALS: dict[str, tuple[str, str]] = {
     "action_validity": (">=1.0", "value"),
     "request_match": ("report", "value"),
     "player_name": ("report", "value"),
+    "written_sentences": ("report", "value"),
 }
 FIGURES = tuple(GOALS)
 
@@ -194,6 +198,35 @@ def known_player_names(data_dir: str | Path = DATA_DIR) -> frozenset[str]:
     return frozenset(names)
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(line: str) -> list[str]:
+    """The sentences of a spoken line (split after . ! or ?)."""
+    return [x.strip() for x in _SENTENCE_END.split(line or "") if x.strip()]
+
+
+@functools.lru_cache(maxsize=4)
+def written_sentences(data_dir: str | Path = DATA_DIR,
+                      files: tuple[str, ...] = ("npc_sft.jsonl", "npc_dialogue.jsonl")) -> frozenset[str]:
+    """Every sentence of the lines written in the shipped NPC training data (scene tails, asides and
+    names filled in)."""
+    out: set[str] = set()
+    for name in files:
+        for line in (Path(data_dir) / name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out.update(sentences(((json.loads(line).get("response") or {}).get("dialogue")) or ""))
+    return frozenset(out)
+
+
+def written_sentence_rate(cases: Sequence[Case], written: frozenset[str] | set[str]) -> float | None:
+    """The share of replies whose every sentence is one of ``written`` (:func:`written_sentences`):
+    for a model trained on the shipped lines, the replies that are not spliced from pieces of
+    several. A model that writes its own lines scores low here without being worse."""
+    return _share(bool(sentences(c.dialogue)) and all(x in written for x in sentences(c.dialogue))
+                  for c in cases)
+
+
 def player_name_accuracy(cases: Sequence[Case], names: Iterable[str]) -> dict[str, float | None]:
     """Does a reply that names the player name the right one? ``value``: of the replies that contain a
     player name (the case's own or one of ``names``, as a whole word), the share that contain the
@@ -308,10 +341,11 @@ def persona_consistency(cases: Sequence[Case], embed: Embed) -> float | None:
 
 
 def measure(cases: Sequence[Case], embed: Embed, vocabulary: frozenset[str] | set[str], seed: int = 0,
-            names: Iterable[str] | None = None) -> dict:
+            names: Iterable[str] | None = None, written: frozenset[str] | set[str] | None = None) -> dict:
     """Every figure over ``cases``: ``{name: {"value", "baseline", "ratio"}}`` (baseline and ratio
     only for relevance; the caller sets the others' baselines), plus ``cases``. ``names``: the player
-    names a reply may say (default: :func:`known_player_names`)."""
+    names a reply may say (default: :func:`known_player_names`); ``written``: the written sentences
+    (default: :func:`written_sentences`)."""
     rel = relevance(cases, embed, seed)
     out: dict[str, Any] = {
         "well_formed": {"value": well_formed_rate(cases)},
@@ -323,6 +357,8 @@ def measure(cases: Sequence[Case], embed: Embed, vocabulary: frozenset[str] | se
         "action_validity": {"value": action_validity(cases)},
         "request_match": request_match(cases, seed),
         "player_name": player_name_accuracy(cases, known_player_names() if names is None else names),
+        "written_sentences": {"value": written_sentence_rate(
+            cases, written_sentences() if written is None else written)},
     }
     out["cases"] = len(cases)
     return out

@@ -258,3 +258,41 @@ def test_player_name_accuracy_counts_replies_that_name_the_right_player():
 def test_known_player_names_are_the_names_in_the_shipped_requests():
     names = Q.known_player_names()
     assert {"Ayla", "Bren", "Lira"} <= names and "Marta" not in names  # players, not personas
+
+
+def test_each_personas_asides_are_closest_to_its_own_description(embedder):
+    """The asides that the shipped data closes lines with (general and stern) carry their persona: each one, under the
+    benchmark's embedding, is closer to its own persona's text than to any other's, by a margin."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_npc_data", Q.DATA_DIR / "make_npc_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from npcbus.npc import load_personas
+
+    personas = load_personas()
+    ids = list(personas)
+    assert set(mod.ASIDES) == set(mod.STERN_ASIDES) == set(ids)
+    texts = embedder([Q.persona_text(personas[i]) for i in ids])
+    for pid in ids:
+        asides = mod.ASIDES[pid] + mod.STERN_ASIDES[pid]
+        assert len(asides) >= 11 and len(set(asides)) == len(asides)
+        sims = embedder(asides) @ texts.T
+        k = ids.index(pid)
+        margins = sims[:, k] - np.delete(sims, k, axis=1).max(axis=1)
+        assert (margins > 0.05).all(), (pid, [a for a, m in zip(asides, margins, strict=True) if m <= 0.05])
+
+
+def test_written_sentence_rate_counts_replies_made_only_of_written_sentences():
+    written = frozenset({"Forge is hot.", "Speak up.", "Mind the sparks on your way out."})
+    cases = [case("Forge is hot. Speak up."),                      # two written sentences
+             case("Mind the sparks on your way out."),              # one
+             case("Forge is hot. The sparks are your way out."),    # a splice in the second sentence
+             case("")]                                              # nothing said
+    assert Q.sentences("Hm. Kind of you! Stay safe? Any time, Jory.") == ["Hm.", "Kind of you!", "Stay safe?",
+                                                                         "Any time, Jory."]
+    assert Q.written_sentence_rate(cases, written) == pytest.approx(0.5)
+    # the shipped lines: every sentence of every fine-tuning line is a written one, asides included
+    shipped = Q.written_sentences()
+    assert "Those goats of mine escaped again this morning, youngling." in shipped
+    assert "Forge is hot." in shipped and "Forge is hot. Speak up." not in shipped
