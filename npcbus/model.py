@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = get_logger("npcbus.model")
 
 #: Bump when the build changes in a way that changes the weights; stale stamps then rebuild.
-BUILDER_VERSION = 6
+BUILDER_VERSION = 7
 STAMP_FILE = "npcbus_model.json"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 CORPUS_FILES = ("lore.txt", "dialogue.txt", "chat.txt")

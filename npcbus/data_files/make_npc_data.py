@@ -342,6 +342,148 @@ SCENE_TAILS = {
 }
 FESTIVAL_TAIL = "And only {days} days to the festival!"
 
+# Each persona's asides: a sentence of its own voice and life (its trade, its habits, the words it
+# calls people) that a line may close with, in any situation. Written so that each is closer, under
+# the quality benchmark's sentence embedding, to its own persona's description than to any other's
+# (a test checks it): a direction or a rumor says little of who says it, an aside says it. They also
+# vary the lines: the same answer with another aside is another line.
+ASIDES: dict[str, list[str]] = {
+    "innkeeper": [
+        "Gossip and stew, dear, that's what my common room serves best.",
+        "And mind you, dear, the Sleepy Lantern keeps a warm hearth for regulars.",
+        "A warm widow who runs an inn hears every rumor, dear. Trust me on that.",
+        "I remember every unpaid tab at my inn, love, so settle yours before the gossip does.",
+        "Rumor has it my common room has the warmest hearth at the crossroads, dear.",
+        "Oh, the gossip I could tell you, love, if the inn weren't so busy.",
+        "I've run this inn at the crossroads since I was widowed, dear, and I hear every rumor.",
+        "Don't tell my regulars I gossip, dear. They all know anyway.",
+        "There's a warm bed at my inn if the road wears you out, love.",
+        "The common room's full of talk tonight, dear, and I hear all of it.",
+    ],
+    "blacksmith": [
+        "Forge is hot. Steel is waiting. Be quick.",
+        "Steel doesn't lie. People do.",
+        "Thirty years a blacksmith teaches you that.",
+        "Careless apprentice cost me two fingers. Mind the sparks.",
+        "Good steel, honest work. That's all I know.",
+        "Cheap steel breaks. A proud blacksmith's steel doesn't.",
+        "Blacksmith's hammer is getting cold. Anything else?",
+        "Strike while the iron's hot. Thirty years of forge wisdom, that.",
+        "An apprentice talks. A blacksmith works the forge.",
+        "Bring me honest iron, I'll forge you a proud blade.",
+    ],
+    "guard": [
+        "Keep the peace and the rules of the gate, citizen.",
+        "Rules at my gate are not suggestions, citizen.",
+        "The watch is keeping an eye on the east road bandits.",
+        "Report anything suspicious to the north gate watch.",
+        "Stay out of trouble, citizen. I mean it.",
+        "Curfew is at dusk, citizen. The gate watch will enforce it, fair but strict.",
+        "I have a gate to guard, citizen. Be brief.",
+        "Bandits on the east road, travelers who think rules are suggestions. Long shift at the gate.",
+        "The watch sees more than you think, citizen.",
+        "Fair is fair, and strict is strict. That's the watch.",
+    ],
+    "merchant": [
+        "And every item on my wagon has a story, friend!",
+        "Now, a treasure from far lands for my wagon's finest customer? A bargain, friend!",
+        "Come haggle with me at the painted wagon before the season ends!",
+        "My prices are fair, my stories are free, and my wagon is full of wonders!",
+        "A merchant of my quality only comes through once a season, you know.",
+        "Why, my painted wagon has sold lamps to sultans and spoons to kings!",
+        "Buy something from my wagon, friend, and the story comes free!",
+        "Every coin you spend at my wagon is a coin well spent!",
+        "The market square is lucky to have my painted wagon this season!",
+        "A good haggle over my wagon's wares is the spice of life, friend!",
+    ],
+    "healer": [
+        "Rest well tonight and take your herbs. That is my advice as a healer.",
+        "If you are hurt, the temple infirmary is open to anyone.",
+        "Gentle herbs and rest heal more than you'd think.",
+        "Take a little calmroot tea from the temple herbs, and rest.",
+        "Rest is the best medicine, as any healer will tell you.",
+        "Come to the infirmary on the hill if you feel unwell.",
+        "The temple infirmary treats anyone, friend or stranger.",
+        "A clean bandage and a quiet mind, that is my prescription.",
+        "Breathe slowly. Worry only slows the healing, and a healer knows.",
+        "The herbs on the temple hill are blooming. They will help many.",
+    ],
+    "bard": [
+        "Oh, a wandering bard knows a song when he hears one!",
+        "A tune, a rhyme, a bard in his prime, and the song is mine!",
+        "I'll put you in a bard's ballad, darling, a flattering one.",
+        "Every song is better with a bard's lute and a little embellishment, darling.",
+        "Now, if you could lend a bard a copper, I'd sing your praises.",
+        "Ah, what a ballad that will make! I shall play it on my lute for my supper.",
+        "A bard embellishes, darling. It's half the charm of my songs.",
+        "Stay a while, darling, and this wandering bard will play you a song.",
+        "I'm a wandering bard, darling, and I flirt in rhyme.",
+        "A bard owes small debts all over the valley, darling, but my songs are worth it!",
+    ],
+    "farmer": [
+        "Weather's turning, youngling. My knees say so.",
+        "Now, if you see a goat on the loose, it's one of mine.",
+        "Turnips won't hoe themselves, youngling.",
+        "Red sky at night, farmer's delight, youngling. My goats know the weather better than I do.",
+        "Those goats of mine escaped again this morning, youngling.",
+        "I've farmed through every kind of weather, youngling, and complained about all of it.",
+        "Goats to chase and turnips to dig, youngling. A farmer's work is never done.",
+        "Mind the crows, they're bad luck for turnips.",
+        "Come by the farm sometime, youngling, the goats could use the company.",
+        "Hard work, good turnips and goats that stay put, youngling.",
+    ],
+    "wizard": [
+        "Fascinating, young scholar, truly fascinating, magically speaking.",
+        "The stars and my spellbook were most informative about this last night, young scholar.",
+        "Ah, that reminds me of a spell I tested on a chicken, young scholar. Poor chicken.",
+        "Magic theory suggests as much, young scholar, though I digress.",
+        "I really must get back to my watchtower and my star charts.",
+        "Have I eaten today? One forgets to eat when studying spells and stars, young scholar.",
+        "The arcane principles of magic are quite clear on this, young scholar.",
+        "Remind me to write that down in my spellbook, young scholar.",
+        "When I was a court wizard, young scholar, we called that a peculiar enchantment of the stars.",
+        "Where was I? Ah yes, the stars, the spells, the chickens.",
+    ],
+}
+# Asides in the same voice for the answer to a rude player (the general ones invite, these warn).
+STERN_ASIDES: dict[str, list[str]] = {
+    "innkeeper": ["I remember every unpaid tab and every rude guest at my inn, love. Nosy, me? Always.",
+                  "My regulars at the Sleepy Lantern mind their manners, dear. So will you.",
+                  "The Sleepy Lantern has a door, love, and I know how to use it."],
+    "blacksmith": ["Proud blacksmith, honest steel. I don't take lip at my forge.",
+                   "Thirty years a blacksmith. I've hammered harder heads than yours.",
+                   "A careless apprentice cost me two fingers. Careless words cost more. Watch them at my forge."],
+    "guard": ["Rules at my gate are not suggestions, citizen.",
+              "The watch sees more than you think, citizen.",
+              "One more word, citizen, and the north gate watch locks you up. Rules are rules."],
+    "merchant": ["Every insult raises my wagon's prices, friend!",
+                 "A traveling merchant of my quality has heard worse from kings, friend! My prices still stand!",
+                 "My painted wagon serves paying customers, not hecklers!"],
+    "healer": ["Anger is a fever, and as your healer I prescribe rest and gentle herbs.",
+               "The temple infirmary treats anyone, friend or stranger. Even you.",
+               "A healer hears harsh words from the sick every day. Rest, and mind your temper."],
+    "bard": ["I'll put you in a bard's ballad, darling, and not a flattering one.",
+             "A wandering bard has been booed by better crowds, darling.",
+             "Careful, darling, a bard's songs remember everything."],
+    "farmer": ["My goats have better manners than you, youngling.",
+               "I've farmed through every kind of weather, youngling, and you're just more of it.",
+               "Mind your mouth, youngling, or go chase goats somewhere else."],
+    "wizard": ["Rudeness, young scholar, is a spell with an unfortunate backfire.",
+               "I once turned a rude apprentice into a chicken, young scholar. Briefly.",
+               "Magic theory is quite clear on rudeness, young scholar. It ends badly."],
+}
+# General asides that ask the player to stay or to be quick: not after a goodbye.
+NOT_AFTER_FAREWELL = frozenset({
+    "Forge is hot. Steel is waiting. Be quick.",
+    "Blacksmith's hammer is getting cold. Anything else?",
+    "I have a gate to guard, citizen. Be brief.",
+    "Now, a treasure from far lands for my wagon's finest customer? A bargain, friend!",
+    "Stay a while, darling, and this wandering bard will play you a song.",
+})
+#: The share of lines that get an aside (fine-tuning, held-out and play turns). At 0.9 the default model
+#: learned to leave it out about one time in six, and those replies were mostly another persona's.
+ASIDE_P = 1.0
+
 # One request for each service of each persona (an entry of LINES[pid]["trade"]) in words that no
 # training record holds: bench.npc's trade cases, what a player most often asks a shopkeeper.
 TRADE_HELDOUT: dict[str, list[str]] = {
@@ -1109,6 +1251,28 @@ def _history(rng: random.Random, pid: str, req: dict, inputs: dict[str, list[str
     return hist
 
 
+def _aside(resp: dict, req: dict, pid: str, situation: str) -> None:
+    """Give a line (with chance :data:`ASIDE_P`) one of the persona's :data:`ASIDES` (after a rude player's
+    line, one of its :data:`STERN_ASIDES`; after a goodbye, none of :data:`NOT_AFTER_FAREWELL`). Drawn
+    from a generator seeded by the turn itself, so that the shared generator's stream, and with it
+    every other choice of the data set, is what it was before asides were added."""
+    arng = random.Random(f"aside|{pid}|{req['player']['id']}|{req['player_input']}|{resp['dialogue']}")
+    if arng.random() >= ASIDE_P:
+        return
+    pool = STERN_ASIDES[pid] if situation == "rude" else ASIDES[pid]
+    if situation == "farewell":
+        pool = [a for a in pool if a not in NOT_AFTER_FAREWELL]
+    said = _bigrams(resp["dialogue"])
+    fresh = [a for a in pool if not _bigrams(a) & said]  # no aside that repeats the line
+    if fresh:
+        resp["dialogue"] = f"{resp['dialogue']} {arng.choice(fresh)}"
+
+
+def _bigrams(text: str) -> set[tuple[str, str]]:
+    words = _normalized(text).split()
+    return set(zip(words, words[1:]))
+
+
 def _vary(resp: dict, req: dict, situation: str, rng: random.Random) -> None:
     """Give some lines a closing sentence about the scene (weather, time, the festival, the player)."""
     tails = SCENE_TAILS.get(situation)
@@ -1133,6 +1297,7 @@ def _turn(rng: random.Random, pid: str, candidate: tuple, audience: str, *, hist
         req["history"] = _history(rng, pid, req, history_inputs)
     resp = _response(spec, _fill(req, extra.get("place", "")))
     if vary:
+        _aside(resp, req, pid, situation)
         _vary(resp, req, situation, rng)
     # Actions that do not suit the audience are left out of the data, as the rails would.
     resp["actions"] = [a for a in resp["actions"] if npc.action_allowed(a["type"], audience)]
