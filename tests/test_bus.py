@@ -242,6 +242,27 @@ async def _reconnected(b: Bus, before: int, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def _server_and_proxied_client(bus_settings):
+    """A server bus, and a client bus whose connection runs through a TCP proxy that can cut it
+    (reconnecting every 0.2 s); the ping queue is deleted after."""
+    proxy = await TCPProxy().start()
+    via_proxy = BusSettings.from_env({"AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+                                      "NPCBUS_NAMESPACE": bus_settings.namespace, "AMQP_RECONNECT_S": "0.2"})
+    server = Bus(bus_settings, name="server")
+    client = Bus(via_proxy, name="client")
+    try:
+        await server.connect()
+        await server.declare_topology()
+        await client.connect()
+        yield proxy, server, client, server.topology
+    finally:
+        await client.close()
+        await server.close()
+        await proxy.close()
+        await delete_namespace(bus_settings, [server.topology.gen_queue("ping").name])
+
+
 @pytest.mark.timeout(120)
 async def test_reply_queue_survives_the_stale_cleanup_of_a_dead_node_after_a_reconnect(bus_settings):
     """The kill -9 cluster test's flake: after a failover, the requester's reply queue was declared
@@ -250,18 +271,10 @@ async def test_reply_queue_survives_the_stale_cleanup_of_a_dead_node_after_a_rec
     as the gateway stayed connected. Now each connection gets a reply queue of its own name, declared
     before any request names it, so the stale cleanup cannot reach it; so do the per-process
     listener queues (here the events one)."""
-    proxy = await TCPProxy().start()
-    via_proxy = BusSettings.from_env({"AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
-                                      "NPCBUS_NAMESPACE": bus_settings.namespace, "AMQP_RECONNECT_S": "0.2"})
-    server = Bus(bus_settings, name="server")
-    client = Bus(via_proxy, name="client")
-    await server.connect()
-    await server.declare_topology()
-    await client.connect()
-    topo = server.topology
-    unroutable: list[str] = []
-    events: list[str] = []
-    try:
+    async with _server_and_proxied_client(bus_settings) as (proxy, server, client, topo):
+        unroutable: list[str] = []
+        events: list[str] = []
+
         async def answer(msg, d):
             try:
                 await server.reply(d, Cancel("pong:" + msg.request_id))
@@ -295,11 +308,6 @@ async def test_reply_queue_survives_the_stale_cleanup_of_a_dead_node_after_a_rec
         while "heard" not in events:
             assert time.monotonic() < end, "the listener queue lost its binding"
             await asyncio.sleep(0.02)
-    finally:
-        await client.close()
-        await server.close()
-        await proxy.close()
-        await delete_namespace(bus_settings, [topo.gen_queue("ping").name])
 
 
 @pytest.mark.timeout(120)
@@ -307,17 +315,9 @@ async def test_request_caught_by_a_reconnect_is_sent_again_with_the_new_reply_qu
     """A request whose publish is caught by a lost connection is not published after the reconnect
     naming the reply queue that went with the old connection (its replies could never arrive): it
     is sent again naming the new connection's reply queue, and answered."""
-    proxy = await TCPProxy().start()
-    via_proxy = BusSettings.from_env({"AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
-                                      "NPCBUS_NAMESPACE": bus_settings.namespace, "AMQP_RECONNECT_S": "0.2"})
-    server = Bus(bus_settings, name="server")
-    client = Bus(via_proxy, name="client")
-    await server.connect()
-    await server.declare_topology()
-    await client.connect()
-    topo = server.topology
-    seen: list[str] = []
-    try:
+    async with _server_and_proxied_client(bus_settings) as (proxy, server, client, topo):
+        seen: list[str] = []
+
         async def answer(msg, d):
             seen.append(d.reply_to or "")
             with contextlib.suppress(Unroutable):
@@ -333,11 +333,6 @@ async def test_request_caught_by_a_reconnect_is_sent_again_with_the_new_reply_qu
         assert reply.request_id == "pong:caught" and time.monotonic() - t0 < 10
         assert client.reconnects > before
         assert seen and old not in seen, seen
-    finally:
-        await client.close()
-        await server.close()
-        await proxy.close()
-        await delete_namespace(bus_settings, [topo.gen_queue("ping").name])
 
 
 async def test_64_mib_payload_travels_chunked_and_verified(bus):
