@@ -67,7 +67,8 @@ def _report(well_formed: float, relevance_ratio: float) -> dict:
             "relevance": {"value": 0.3, "baseline": 0.3 / relevance_ratio, "ratio": relevance_ratio},
             "persona_consistency": {"value": 0.5}, "action_validity": {"value": 1.0},
             "request_match": {"value": 0.6, "baseline": 0.2, "ratio": 3.0},
-            "player_name": {"value": 0.5, "naming": 0.2}, "cases": 10, "errors": 0}
+            "player_name": {"value": 0.5, "naming": 0.2}, "written_sentences": {"value": well_formed},
+            "cases": 10, "errors": 0}
 
 
 def test_figure_lines_carry_goal_baseline_and_the_variant_improved_on():
@@ -92,6 +93,8 @@ def test_figure_lines_carry_goal_baseline_and_the_variant_improved_on():
     assert rm["baseline"] == 0.2 and rm["ratio"] == 3.0 and rm["met"] is None and "other cases" in rm["baseline_is"]
     pn = by[("finetuned", "npc.player_name")]
     assert pn["value"] == 0.5 and pn["naming"] == 0.2 and pn["met"] is None
+    ws = by[("finetuned", "npc.written_sentences")]
+    assert ws["value"] == 1.0 and ws["baseline"] == 0.9 and ws["met"] is None and ws["goal"] == "report"
     for x in lines:  # every line is one JSON object with the documented keys
         assert {"bench", "value", "baseline", "ratio", "goal", "met"} <= set(json.loads(json.dumps(x)))
 

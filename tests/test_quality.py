@@ -275,8 +275,9 @@ def test_each_personas_asides_are_closest_to_its_own_description(embedder):
     assert set(mod.ASIDES) == set(mod.STERN_ASIDES) == set(ids)
     texts = embedder([Q.persona_text(personas[i]) for i in ids])
     for pid in ids:
-        asides = mod.ASIDES[pid] + mod.STERN_ASIDES[pid]
-        assert len(asides) >= 11 and len(set(asides)) == len(asides)
+        general, stern = mod.ASIDES[pid], mod.STERN_ASIDES[pid]
+        assert len(set(general)) == len(general) >= 8 and len(set(stern)) == len(stern) >= 3
+        asides = sorted(set(general) | set(stern))  # a general aside may also serve a rude player
         sims = embedder(asides) @ texts.T
         k = ids.index(pid)
         margins = sims[:, k] - np.delete(sims, k, axis=1).max(axis=1)
