@@ -88,7 +88,7 @@ class DefaultModelParams:
     vocab_size: int = 4096
     # architecture (LlamaConfig); head size = hidden_size // num_heads must be >= 64 for vLLM's CPU
     hidden_size: int = 256
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 4
     intermediate_size: int = 688
@@ -96,7 +96,7 @@ class DefaultModelParams:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     # pre-training on the shipped corpus, in windows as long as the NPC prompts served
-    train_steps: int = 120
+    train_steps: int = 240
     seq_len: int = 512
     batch_size: int = 8
     learning_rate: float = 3e-3
@@ -106,7 +106,7 @@ class DefaultModelParams:
     chat_repeat: int = 1
     # supervised fine-tuning on NPC turns (npcbus/data_files/npc_sft.jsonl) rendered exactly as
     # inference renders them; the loss is taken on the response JSON only. 0 steps: no fine-tuning
-    sft_steps: int = 1100
+    sft_steps: int = 2200
     sft_batch_size: int = 8
     sft_learning_rate: float = 1.5e-3
     sft_warmup_steps: int = 20
@@ -128,7 +128,7 @@ class DefaultModelParams:
     # one LoRA adapter per shipped persona (``personas/<id>/``), trained on that persona's turns.
     # Measured on bench.npc (builder 5): 80 steps instead of 20 took persona consistency from 25% to 32%
     # at about 15 s more per persona; 60 keeps the build near ten minutes
-    persona_steps: int = 60
+    persona_steps: int = 120
     persona_batch_size: int = 8
     persona_learning_rate: float = 2e-3
     persona_rank: int = 8

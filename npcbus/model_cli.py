@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training steps of each persona adapter (default: the default model's; 0: none)")
     parser.add_argument("--hidden-size", type=int, default=None,
                         help="model width (default 256); heads of 64 (vLLM's CPU attention needs head size >= 64)")
-    parser.add_argument("--layers", type=int, default=None, help="transformer layers (default 4)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer layers (default 2)")
     parser.add_argument("--prompt-style", choices=("minimal", "compact", "full"), default=None,
                         help="how NPC requests become prompts for the model (default: the default model's)")
     parser.add_argument("--sft-batch-size", type=int, default=None, help="fine-tuning batch size")
