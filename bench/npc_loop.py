@@ -89,19 +89,6 @@ def answers_request(response: dict, answers: list[dict]) -> bool:
 
 IN_CHARACTER = ("closest", "above-mean")
 COHERENCE = ("written", "off")
-def sentences(line: str) -> list[str]:
-    """The sentences of a spoken line (:func:`npcbus.quality.sentences`)."""
-    from npcbus.quality import sentences as split
-
-    return split(line)
-
-
-def written_sentences(files: tuple[str, ...] = ("npc_sft.jsonl", "npc_dialogue.jsonl")) -> frozenset[str]:
-    """Every sentence of the lines written in the shipped NPC data (:func:`npcbus.quality.written_sentences`)."""
-    from npcbus.npc import DATA_DIR
-    from npcbus.quality import written_sentences as written
-
-    return written(DATA_DIR, tuple(files))
 
 
 def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[dict]], personas: list[str],
@@ -116,11 +103,11 @@ def ratings(responses: list[dict | None], valid: list[bool], answers: list[list[
     persona has not said that line already (case and punctuation aside) in a reply rated up before it:
     a line heard twice is no longer a good answer. ``heard``: the (persona, line) pairs already rated up
     (earlier rounds), updated in place. ``whole``: where given, also every sentence of the line must
-    be one of these (:func:`written_sentences`: a reader who spots a line spliced from pieces of
+    be one of these (:func:`npcbus.quality.written_sentences`: a reader who spots a line spliced from pieces of
     others, fitted to a model whose lines are the written ones)."""
     import numpy as np
 
-    from npcbus.quality import is_well_formed, words
+    from npcbus.quality import is_well_formed, sentences, words
 
     if in_character not in IN_CHARACTER:
         raise ValueError(f"in_character must be one of {IN_CHARACTER}")
@@ -394,7 +381,7 @@ def run(*, personas: list[str], lines: int | None, samples: int, seeds: int, cas
         f"seeds; personas {', '.join(personas)}; {steps} training steps at lr {lr}")
     embedder = Q.Embedder(threads=2)
     texts = {pid: Q.persona_text(p) for pid, p in load_personas().items()}
-    whole = written_sentences() if coherence == "written" else None
+    whole = Q.written_sentences() if coherence == "written" else None
 
     async def main():
         work = Path(tempfile.mkdtemp(prefix="bench-npcloop-"))

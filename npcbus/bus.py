@@ -676,16 +676,11 @@ class Bus:
     async def _declare_queue(self, ch, spec: QueueSpec, *, robust: bool = True) -> AbstractQueue:
         """Declare and bind ``spec`` on ``ch``; with ``robust`` (a robust channel) aio-pika declares
         and binds it again, under the same name, after a reconnect."""
-        if robust:
-            q = await ch.declare_queue(spec.name, durable=spec.durable, exclusive=spec.exclusive,
-                                       auto_delete=spec.auto_delete, arguments=spec.arguments)
-            for ex, rk in spec.bindings:
-                await q.bind(ex, routing_key=rk)
-            return q
+        once = {} if robust else {"robust": False}  # only robust channels know the keyword
         q = await ch.declare_queue(spec.name, durable=spec.durable, exclusive=spec.exclusive,
-                                   auto_delete=spec.auto_delete, arguments=spec.arguments, robust=False)
+                                   auto_delete=spec.auto_delete, arguments=spec.arguments, **once)
         for ex, rk in spec.bindings:
-            await q.bind(ex, routing_key=rk, robust=False)
+            await q.bind(ex, routing_key=rk, **once)
         return q
 
     # publishing ------------------------------------------------------------------------------

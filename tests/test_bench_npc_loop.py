@@ -97,15 +97,6 @@ def test_the_play_set_is_new_to_training_and_held_out_and_comes_per_persona_in_t
     assert all(L.answers_request(r["response"], r["answers"]) for r in everything)
 
 
-def test_sentences_split_a_line_and_the_written_ones_come_from_the_shipped_lines():
-    assert L.sentences("Hm. Kind of you! Stay safe out there? Any time, Jory.") == [
-        "Hm.", "Kind of you!", "Stay safe out there?", "Any time, Jory."]
-    assert L.sentences("") == []
-    written = L.written_sentences()
-    assert "Welcome to the Sleepy Lantern, love!" in written and "Sit anywhere that isn't sticky." in written
-    assert "My goat ate. Then friend of my other never else." not in written
-
-
 def test_seeded_plays_each_record_once_per_seed_offset():
     recs = [{"a": 1}, {"a": 2}]
     assert L.seeded(recs, 2) == [(recs[0], 0), (recs[1], 0), (recs[0], 1), (recs[1], 1)]

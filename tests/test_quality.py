@@ -297,3 +297,6 @@ def test_written_sentence_rate_counts_replies_made_only_of_written_sentences():
     shipped = Q.written_sentences()
     assert "Those goats of mine escaped again this morning, youngling." in shipped
     assert "Forge is hot." in shipped and "Forge is hot. Speak up." not in shipped
+    assert "Welcome to the Sleepy Lantern, love!" in shipped and "Sit anywhere that isn't sticky." in shipped
+    assert "My goat ate. Then friend of my other never else." not in shipped
+    assert Q.sentences("") == []

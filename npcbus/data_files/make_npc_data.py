@@ -1270,7 +1270,7 @@ def _aside(resp: dict, req: dict, pid: str, situation: str) -> None:
 
 def _bigrams(text: str) -> set[tuple[str, str]]:
     words = _normalized(text).split()
-    return set(zip(words, words[1:]))
+    return set(zip(words, words[1:], strict=False))
 
 
 def _vary(resp: dict, req: dict, situation: str, rng: random.Random) -> None:
