@@ -425,7 +425,7 @@ class Aggregator:
         for name in self.adapters:
             await self._announce(name)
         topo = self.bus.topology
-        await serve_adapter_fetches(self.bus, self._resolve_fetch, prefetch=8)
+        await serve_adapter_fetches(self.bus, self._resolve_fetch, lister=self._list_adapters, prefetch=8)
         await self.bus.consume(topo.leases_queue, self._on_accepted, prefetch=32)
         await self.bus.consume(topo.deltas_queue, self._on_delta, prefetch=s.prefetch)
         self._started_at = time.time()
@@ -592,6 +592,15 @@ class Aggregator:
                     raise
                 except Exception as e:  # noqa: BLE001 - the next pass tries again
                     self.log.debug("repeat announcement not sent", adapter=name, error=f"{type(e).__name__}: {e}")
+
+    async def _list_adapters(self):
+        """Every adapter's current version (an adapter list request: processes that start between
+        two announcements learn every adapter at once)."""
+        from npcbus.messages import AdapterListReply
+
+        return AdapterListReply([{"adapter": name, "version": ad.state.version, "base_model": self.base_model_id,
+                                  "content_hash": ad.state.content_hash, "parent": ad.state.manifest.get("parent")}
+                                 for name, ad in sorted(self.adapters.items())])
 
     async def _resolve_fetch(self, adapter: str, version: int | None):
         from npcbus.messages import AdapterFetchReply

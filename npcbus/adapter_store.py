@@ -4,7 +4,9 @@ An adapter version is a PEFT folder (``adapter_config.json`` + ``adapter_model.s
 Its *content hash* is the SHA-256 over its files' names and bytes, so identical weights share one
 cache entry whatever the version number. No shared disk is assumed: a process that lacks a
 version asks for it on the bus (:func:`fetch_adapter`), and whoever holds versions (the
-aggregator) answers with :func:`serve_adapter_fetches`.
+aggregator) answers with :func:`serve_adapter_fetches`. On the same queue :func:`list_adapters`
+asks for every adapter's current version, so that a process that starts between two version
+announcements knows every adapter at once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npcbus.logs import get_logger
-from npcbus.messages import AdapterFetchReply, AdapterFetchRequest
+from npcbus.messages import (
+    AdapterFetchReply,
+    AdapterFetchRequest,
+    AdapterListReply,
+    AdapterListRequest,
+    VersionAnnouncement,
+)
 
 log = get_logger("npcbus.adapter_store")
 
@@ -133,26 +141,55 @@ async def fetch_adapter(bus, cache: AdapterCache, adapter: str, version: int | N
     return FetchedAdapter(adapter, reply.version, chash, reply.base_model, path)
 
 
+async def list_adapters(bus, *, timeout: float = 10.0) -> list[VersionAnnouncement] | None:
+    """Every adapter's current version, from whoever serves adapter fetches; None (at once) when
+    nothing consumes the fetch queue (no aggregator runs). Raises :class:`AdapterUnavailable` when
+    the answer is an error or does not come within ``timeout``."""
+    from npcbus.bus import BusTimeout
+
+    topo = bus.topology
+    if not await bus.queue_consumers(topo.fetch_queue.name):
+        return None
+    try:
+        reply = await bus.request(topo.fetch_exchange, "adapter", AdapterListRequest(), timeout=timeout)
+    except BusTimeout as e:
+        raise AdapterUnavailable(f"no adapter list within {timeout:g} s") from e
+    if not isinstance(reply, AdapterListReply):
+        raise AdapterUnavailable(f"unexpected reply {reply.TYPE}")
+    if reply.error:
+        raise AdapterUnavailable(reply.error)
+    return reply.announcements()
+
+
 Resolver = Callable[[str, int | None], Awaitable[AdapterFetchReply]]
+Lister = Callable[[], Awaitable[AdapterListReply]]
 
 
-async def serve_adapter_fetches(bus, resolver: Resolver, *, prefetch: int = 4):
-    """Answer adapter fetch requests with ``resolver(adapter, version) -> AdapterFetchReply``."""
-    from npcbus.bus import Ack
+async def serve_adapter_fetches(bus, resolver: Resolver, *, lister: Lister | None = None, prefetch: int = 4):
+    """Answer adapter fetch requests with ``resolver(adapter, version) -> AdapterFetchReply`` and,
+    with ``lister``, adapter list requests with ``lister() -> AdapterListReply``."""
+    from npcbus.bus import Ack, Reject
 
     async def handler(req, d):
-        if not isinstance(req, AdapterFetchRequest):
-            from npcbus.bus import Reject
-
-            return Reject(f"expected adapter_fetch_request, got {req.TYPE}", "wrong_type")
-        try:
-            reply = await resolver(req.adapter, req.version)
-        except Exception as e:  # noqa: BLE001 - answer the requester, do not crash
-            reply = AdapterFetchReply(req.adapter, error=f"{type(e).__name__}: {e}")
+        if isinstance(req, AdapterListRequest):
+            try:
+                reply = await lister() if lister is not None else AdapterListReply(
+                    error="this server of adapter fetches does not list adapters")
+            except Exception as e:  # noqa: BLE001 - answer the requester, do not crash
+                reply = AdapterListReply(error=f"{type(e).__name__}: {e}")
+            what = "list"
+        elif isinstance(req, AdapterFetchRequest):
+            try:
+                reply = await resolver(req.adapter, req.version)
+            except Exception as e:  # noqa: BLE001 - answer the requester, do not crash
+                reply = AdapterFetchReply(req.adapter, error=f"{type(e).__name__}: {e}")
+            what = req.adapter
+        else:
+            return Reject(f"expected adapter_fetch_request or adapter_list_request, got {req.TYPE}", "wrong_type")
         try:
             await bus.reply(d, reply)
         except Exception as e:  # noqa: BLE001 - requester gone
-            log.warning("could not answer an adapter fetch", adapter=req.adapter, error=str(e))
+            log.warning("could not answer an adapter fetch", adapter=what, error=str(e))
         return Ack()
 
     return await bus.consume(bus.topology.fetch_queue, handler, prefetch=prefetch)

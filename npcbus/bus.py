@@ -673,6 +673,20 @@ class Bus:
         finally:
             await ch.close()
 
+    async def queue_consumers(self, name: str) -> int | None:
+        """How many consumers the queue ``name`` has now (a passive declare: no permission needed,
+        nothing changes); None when it does not exist."""
+        self._require()
+        ch = await self._conn.channel()
+        try:
+            q = await ch.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await ch.close()
+        return int(q.declaration_result.consumer_count)
+
     async def _declare_queue(self, ch, spec: QueueSpec, *, robust: bool = True) -> AbstractQueue:
         """Declare and bind ``spec`` on ``ch``; with ``robust`` (a robust channel) aio-pika declares
         and binds it again, under the same name, after a reconnect."""

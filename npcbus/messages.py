@@ -141,6 +141,39 @@ class AdapterFetchReply(Message):
     error: str = ""
 
 
+@register("adapter_list_request")
+@dataclass
+class AdapterListRequest(Message):
+    """Ask whoever serves adapter fetches (the aggregator) for every adapter's current version, so that
+    a process that starts between two announcements knows them at once."""
+
+
+@register("adapter_list_reply")
+@dataclass
+class AdapterListReply(Message):
+    """Every adapter's current version: one map per adapter with the fields of a
+    :class:`VersionAnnouncement` (``adapter``, ``version``, ``base_model``, ``content_hash``, ``parent``)."""
+
+    versions: list[dict] = field(default_factory=list)
+    error: str = ""
+
+    def announcements(self) -> list[VersionAnnouncement]:
+        """The entries as announcements; an entry without a string adapter, an integer version and a
+        string content hash is left out."""
+        out = []
+        for v in self.versions:
+            if not isinstance(v, dict):
+                continue
+            adapter, version, chash = v.get("adapter"), v.get("version"), v.get("content_hash")
+            parent = v.get("parent")
+            if not (isinstance(adapter, str) and adapter and isinstance(version, int) and not isinstance(version, bool)
+                    and isinstance(chash, str)):
+                continue
+            out.append(VersionAnnouncement(adapter, version, str(v.get("base_model") or ""), chash,
+                                           parent if isinstance(parent, int) and not isinstance(parent, bool) else None))
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 # inference
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ exchange                    type      purpose
 ``NS.train``                direct    ``task`` -> ``NS.train.tasks``; ``delta`` -> ``NS.train.deltas``;
                                       ``accepted`` -> ``NS.train.leases``
 ``NS.versions``             fanout    version announcements; each listener binds its own queue
-``NS.fetch``                direct    ``adapter`` -> ``NS.fetch.requests`` (adapter weight fetches)
+``NS.fetch``                direct    ``adapter`` -> ``NS.fetch.requests`` (adapter weight fetches, adapter lists)
 ``NS.gen``                  direct    ``<model id>`` -> ``NS.gen.<model id>`` (generation requests)
 ``NS.cancel``               fanout    cancel messages; every inference consumer listens
 ``NS.events``               fanout    consumer heartbeats (the gateway's health uses them)

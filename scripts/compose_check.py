@@ -108,7 +108,8 @@ class Stack:
         return {m["id"]: m for m in body.get("data", [])}
 
     async def wait_ready(self, http, timeout: float) -> dict:
-        """Until /health is ok and every shipped persona's adapter is served (a version known)."""
+        """Until /health is ok; by then every shipped persona's adapter must be served (a version known):
+        a game client that starts as soon as the system is healthy gets the persona adapters."""
         end = time.monotonic() + timeout
         last: object = None
         while True:
@@ -119,8 +120,10 @@ class Stack:
                 want = [(p["id"], p.get("adapter")) for p in personas.get("data", [])]
                 missing = [pid for pid, a in want if a is None or models.get(a, {}).get("version") is None]
                 last = {"health": health.get("status"), "missing_adapters": missing}
-                if status == 200 and health.get("status") == "ok" and want and not missing:
-                    return health
+                if status == 200 and health.get("status") == "ok":
+                    if want and not missing:
+                        return health
+                    raise CheckFailed(f"/health is ok but personas lack a served adapter: {missing or 'no personas'}")
             except (TimeoutError, aiohttp.ClientError, KeyError) as e:
                 last = repr(e)
             if time.monotonic() > end:

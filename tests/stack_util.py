@@ -75,12 +75,38 @@ class LocalStack:
         self.plan = build_plan(settings, self.variables, base_env=base, gateway_port=self.port,
                                overrides={s: model_over for s in compose.services(None, self.variables)})
         self.sup = Supervisor(self.plan, log_dir=self.dir / "logs", start_timeout_s=600)
+        self.personas_at_health: dict[str, dict] | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 420.0) -> LocalStack:
         self.sup.start()
+        self.sup.wait_healthy([s for s in self.sup.services() if s != "gateway"], timeout=timeout)
+        self.personas_at_health = self._personas_once_healthy(timeout)
         self.sup.wait_healthy(timeout=timeout)
         return self
+
+    def _personas_once_healthy(self, timeout: float) -> dict[str, dict] | None:
+        """``GET /v1/personas`` the moment the gateway's ``/health`` first says ok (what a game
+        client that starts as soon as the system is healthy sees); None without a gateway."""
+        import urllib.error
+        import urllib.request
+
+        if "gateway" not in self.sup.services():
+            return None
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                    if json.loads(r.read()).get("status") == "ok":
+                        break
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("the gateway did not turn healthy\n" + self.sup.tails(n=15))
+            time.sleep(0.1)
+        req = urllib.request.Request(f"{self.base_url}/v1/personas", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return {p["id"]: p for p in json.loads(r.read())["data"]}
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -138,20 +138,12 @@ async def test_every_persona_has_an_adapter_and_feedback_trains_the_one_that_ans
         first = stack.manifests(pid)
         assert first and first[0]["version"] == 0, f"persona {pid} has no adapter"
         assert first[0].get("init", {}).get("persona") == pid, first[0]
-    # the inference consumer's heartbeats name every announced adapter: the gateway offers each persona's
-    import aiohttp
-
-    from .stack_util import TOKEN
-
-    end = time.monotonic() + 60
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        while True:
-            async with http.get(f"{stack.base_url}/v1/personas") as r:
-                listed = {p["id"]: p for p in (await r.json())["data"]}
-            if all(listed[pid]["adapter"] == pid for pid in personas):
-                break
-            assert time.monotonic() < end, f"personas without their adapter: {listed}"
-            await asyncio.sleep(1.0)
+    # the moment the gateway first said it is healthy, it already offered each persona its adapter (the
+    # inference consumer asks the aggregator for every adapter before its first heartbeat), so a game
+    # client that starts as soon as the system is healthy gets the persona's adapter in its first session
+    listed = stack.personas_at_health
+    assert listed is not None and set(listed) == set(personas), listed
+    assert {pid: listed[pid]["adapter"] for pid in personas} == {pid: pid for pid in personas}, listed
     assert listed["innkeeper"]["known_entities"]
     pid = "blacksmith"
     async with stack.chat(persona_id=pid, adapter=None) as ws:

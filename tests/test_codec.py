@@ -56,7 +56,7 @@ def strategy_for(typ):
             return st.dictionaries(st.text(min_size=1, max_size=10), st.binary(max_size=64), max_size=3)
         return st.dictionaries(st.text(max_size=8), json_value, max_size=4)
     if origin is list or typ is list:
-        return st.lists(json_value, max_size=4)
+        return st.lists(strategy_for(args[0]) if args else json_value, max_size=4)
     raise NotImplementedError(typ)
 
 
@@ -193,3 +193,18 @@ def test_wrong_types_raise_codec_error():
 def test_encode_rejects_non_messages():
     with pytest.raises(CodecError):
         encode(object())  # type: ignore[arg-type]
+
+
+def test_adapter_list_reply_keeps_only_well_formed_entries():
+    reply = decode(encode(M.AdapterListReply([
+        {"adapter": "innkeeper", "version": 2, "base_model": "m", "content_hash": "h2", "parent": 1},
+        {"adapter": "blacksmith", "version": 0, "content_hash": "h0"},
+        {"adapter": "bad", "version": True, "content_hash": "x"},  # a boolean is no version
+        {"adapter": "", "version": 1, "content_hash": "x"},
+        {"version": 1, "content_hash": "x"},
+    ])))
+    anns = reply.announcements()
+    assert [(a.adapter, a.version, a.base_model, a.content_hash, a.parent) for a in anns] == [
+        ("innkeeper", 2, "m", "h2", 1), ("blacksmith", 0, "", "h0", None)]
+    with pytest.raises(CodecError, match="versions"):
+        decode(encode(M.AdapterListReply(["not a map"])))  # type: ignore[list-item]

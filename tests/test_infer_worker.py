@@ -28,6 +28,7 @@ from npcbus.bus import Bus, BusTimeout
 from npcbus.codec import decode
 from npcbus.messages import (
     AdapterFetchReply,
+    AdapterListReply,
     Cancel,
     ConsumerHeartbeat,
     FinalResponse,
@@ -97,7 +98,8 @@ def worker_settings(tmp_path, **kw) -> InferSettings:
 class Harness:
     """Requester + adapter store + consumers on one namespace."""
 
-    def __init__(self, bus_settings, engine, tmp_path):
+    def __init__(self, bus_settings, engine, tmp_path, *, lists: bool = False):
+        self.lists = lists  # the store also answers adapter list requests, as the aggregator does
         self.bus_settings = bus_settings
         self.engine = engine
         self.tmp_path = tmp_path
@@ -111,7 +113,7 @@ class Harness:
         self.client = await self.new_bus("requester")
         await self.client.declare_topology()
         store = await self.new_bus("store")
-        await serve_adapter_fetches(store, self._resolve)
+        await serve_adapter_fetches(store, self._resolve, lister=self._list if self.lists else None)
         return self
 
     async def __aexit__(self, *exc):
@@ -143,6 +145,14 @@ class Harness:
             return AdapterFetchReply(adapter, error=f"adapter {adapter!r} has no version {v}")
         files = read_adapter_files(have[v])
         return AdapterFetchReply(adapter, v, content_hash(files), "", files)
+
+    async def _list(self) -> AdapterListReply:
+        out = []
+        for adapter, have in sorted(self.versions.items()):
+            v = max(have)
+            out.append({"adapter": adapter, "version": v, "base_model": MODEL_ID,
+                        "content_hash": content_hash(read_adapter_files(have[v])), "parent": None})
+        return AdapterListReply(out)
 
     async def start_worker(self, name: str, **kw) -> InferenceWorker:
         bus = await self.new_bus(name)
@@ -567,6 +577,58 @@ async def test_heartbeats_report_capacity_load_and_adapter_versions(engine, bus_
         assert hb.worker_id == "beating" and hb.base_model == MODEL_ID and hb.engine == engine.name
         assert hb.capacity == engine.capacity and hb.running == 0
         assert hb.adapters == {"innkeeper": 3}
+
+
+@pytest.mark.broker
+@amod
+@pytest.mark.parametrize("lists", [True, False], ids=["aggregator-lists", "store-does-not-list"])
+async def test_first_heartbeat_names_every_adapter_that_exists(engine, bus_settings, tmp_path, adapter_dirs, lists):
+    """A consumer that starts after the last announcement asks for the adapter list before its first
+    heartbeat, so the gateway knows every adapter as soon as it hears the consumer (a persona session
+    started at once uses its persona's adapter). A store that does not list answers at once: the
+    consumer starts without waiting and learns the adapters from announcements."""
+    async with Harness(bus_settings, engine, tmp_path, lists=lists) as h:
+        h.add_version("innkeeper", 3, adapter_dirs["a1"])
+        h.add_version("blacksmith", 0, adapter_dirs["a2"])
+        listener = await h.new_bus("listener")
+        beats: list[ConsumerHeartbeat] = []
+
+        async def on_event(msg, d):
+            if isinstance(msg, ConsumerHeartbeat):
+                beats.append(msg)
+
+        topo = listener.topology
+        await listener.consume(topo.listener_queue("events", listener.client_id, topo.events_exchange), on_event)
+        began = time.monotonic()
+        await h.start_worker("late")  # nothing is announced in this test
+        assert time.monotonic() - began < 5.0, "the consumer waited for the list"
+        await wait_for(lambda: beats, 10, "a heartbeat")
+        if lists:
+            assert beats[0].adapters == {"innkeeper": 3, "blacksmith": 0}
+            assert h.fetches == 0, "listing fetches no weights: an adapter is loaded on first use"
+        else:
+            assert beats[0].adapters == {}
+            ann = VersionAnnouncement("innkeeper", 3, MODEL_ID, h.add_version("innkeeper", 3, adapter_dirs["a1"]))
+            await listener.publish(topo.versions_exchange, "", ann, persistent=False, mandatory=False)
+            await wait_for(lambda: beats[-1].adapters == {"innkeeper": 3}, 10, "a heartbeat naming the announced one")
+
+
+@pytest.mark.broker
+@amod
+async def test_without_an_aggregator_the_consumer_starts_at_once(engine, bus_settings, tmp_path):
+    """Nothing consumes the fetch queue: the list is not asked for (no wait for a timeout)."""
+    async with Harness(bus_settings, engine, tmp_path) as h:
+        store = next(b for b in h.buses if b.name == "store")
+        await store.close()  # the stand-in aggregator goes away
+        bus = await h.new_bus("alone")
+        from npcbus.adapter_store import list_adapters
+
+        assert await bus.queue_consumers(bus.topology.fetch_queue.name) == 0
+        assert await list_adapters(bus, timeout=30) is None
+        assert await bus.queue_consumers(bus.topology.name("no-such-queue")) is None
+        began = time.monotonic()
+        await h.start_worker("alone-worker", adapter_fetch_timeout_s=30.0)
+        assert time.monotonic() - began < 5.0
 
 
 class ScriptedEngine(Engine):

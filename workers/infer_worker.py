@@ -35,10 +35,13 @@ A request redelivered after its consumer died is run again and answered with its
 only (sequence number 0): the requester keeps the text it already has and gets the complete,
 authoritative final response.
 
-Adapter versions: announcements on the versions fanout are fetched through the bus (cached by
-content hash) and registered in the engine under a new name; new requests use the new version at
-once (requests that arrive during the swap wait for it), running ones finish on the old one, which
-is removed from the engine when its last request ends.
+Adapter versions: at start, before its first heartbeat, the consumer asks whoever serves adapter
+fetches (the aggregator) for every adapter's current version, so that its first heartbeat already
+tells gateways of every adapter (a persona session started as soon as the gateway is healthy uses
+its persona's adapter); later announcements on the versions fanout are fetched through the bus
+(cached by content hash) and registered in the engine under a new name; new requests use the new
+version at once (requests that arrive during the swap wait for it), running ones finish on the old
+one, which is removed from the engine when its last request ends.
 
 Heartbeats (``consumer_heartbeat`` on the events fanout, every ``HEARTBEAT_INTERVAL_S``) tell the
 gateway which consumers are alive, their capacity and load, and the adapter versions they hold.
@@ -697,12 +700,33 @@ class InferenceWorker:
             topo.listener_queue("cancel", cid, topo.cancel_exchange), self._on_cancel, prefetch=256))
         self._consumers.append(await self.bus.consume(
             topo.listener_queue("versions", cid, topo.versions_exchange), self._on_version, prefetch=16))
+        await self._sync_versions()
         self._gen_consumer = await self.bus.consume(topo.gen_queue(self.model_id), self._on_request,
                                                     prefetch=gen_prefetch(self.engine.capacity),
                                                     on_malformed=self._on_malformed)
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="infer-heartbeat")
         self.log.info("inference consumer started", engine=self.engine.name, capacity=self.engine.capacity,
                       queue=topo.gen_queue(self.model_id).name)
+
+    async def _sync_versions(self) -> None:
+        """Every adapter's current version from the aggregator (when one serves adapter fetches), as if
+        each had just been announced: announcements are made when a version is made and repeated every
+        REANNOUNCE_INTERVAL_SEC, and a consumer that starts between two would not know the adapters
+        that exist until the next one. Without an answer it goes on; the announcements still come."""
+        from npcbus.adapter_store import list_adapters
+
+        try:
+            anns = await list_adapters(self.bus, timeout=self.settings.adapter_fetch_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a missing list must not stop the consumer
+            self.log.warning("adapter list not received; adapters become known as they are announced",
+                             error=f"{type(e).__name__}: {e}")
+            return
+        if anns is None:
+            self.log.info("no aggregator serves adapter fetches yet; adapters become known as they are announced")
+            return
+        for ann in anns:
+            await self.adapters.on_announcement(ann)
+        self.log.info("adapter versions known", adapters={a.adapter: a.version for a in anns})
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop taking requests, let running ones finish (up to the drain timeout), abort the rest."""
