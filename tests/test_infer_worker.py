@@ -154,6 +154,19 @@ class Harness:
                         "content_hash": content_hash(read_adapter_files(have[v])), "parent": None})
         return AdapterListReply(out)
 
+    async def heartbeats(self) -> tuple[Bus, list[ConsumerHeartbeat]]:
+        """A listener on the events fanout, and the consumer heartbeats it collects, in order."""
+        listener = await self.new_bus("listener")
+        beats: list[ConsumerHeartbeat] = []
+
+        async def on_event(msg, d):
+            if isinstance(msg, ConsumerHeartbeat):
+                beats.append(msg)
+
+        topo = listener.topology
+        await listener.consume(topo.listener_queue("events", listener.client_id, topo.events_exchange), on_event)
+        return listener, beats
+
     async def start_worker(self, name: str, **kw) -> InferenceWorker:
         bus = await self.new_bus(name)
         w = InferenceWorker(bus, self.engine, worker_settings(self.tmp_path, **kw), model_id=MODEL_ID,
@@ -517,15 +530,7 @@ WORKER_ENV = {"ENGINE": "hf", "MAX_CONCURRENCY": "2", "WORKER_ID": "doomed", "HE
 @amod
 async def test_killed_consumer_mid_stream_request_is_completed_elsewhere(engine, bus_settings, tmp_path, model_dir):
     async with Harness(bus_settings, engine, tmp_path) as h:
-        listener = await h.new_bus("listener")
-        beats: list[ConsumerHeartbeat] = []
-
-        async def on_event(msg, d):
-            if isinstance(msg, ConsumerHeartbeat):
-                beats.append(msg)
-
-        topo = listener.topology
-        await listener.consume(topo.listener_queue("events", listener.client_id, topo.events_exchange), on_event)
+        _, beats = await h.heartbeats()
         env = dict(os.environ, AMQP_URL=bus_settings.amqp_url, NPCBUS_NAMESPACE=bus_settings.namespace,
                    MODEL_DIR=model_dir, BASE_MODEL="", ADAPTER_CACHE_DIR=str(tmp_path / "doomed-cache"),
                    PYTHONPATH=str(ROOT), **WORKER_ENV)
@@ -562,15 +567,7 @@ async def test_killed_consumer_mid_stream_request_is_completed_elsewhere(engine,
 async def test_heartbeats_report_capacity_load_and_adapter_versions(engine, bus_settings, tmp_path, adapter_dirs):
     async with Harness(bus_settings, engine, tmp_path) as h:
         h.add_version("innkeeper", 3, adapter_dirs["a1"])
-        listener = await h.new_bus("listener")
-        beats: list[ConsumerHeartbeat] = []
-
-        async def on_event(msg, d):
-            if isinstance(msg, ConsumerHeartbeat):
-                beats.append(msg)
-
-        topo = listener.topology
-        await listener.consume(topo.listener_queue("events", listener.client_id, topo.events_exchange), on_event)
+        _, beats = await h.heartbeats()
         await h.start_worker("beating", preload_adapters=["innkeeper"])
         await wait_for(lambda: any(b.adapters for b in beats), 10, "a heartbeat with adapters")
         hb = [b for b in beats if b.adapters][-1]
@@ -590,15 +587,7 @@ async def test_first_heartbeat_names_every_adapter_that_exists(engine, bus_setti
     async with Harness(bus_settings, engine, tmp_path, lists=lists) as h:
         h.add_version("innkeeper", 3, adapter_dirs["a1"])
         h.add_version("blacksmith", 0, adapter_dirs["a2"])
-        listener = await h.new_bus("listener")
-        beats: list[ConsumerHeartbeat] = []
-
-        async def on_event(msg, d):
-            if isinstance(msg, ConsumerHeartbeat):
-                beats.append(msg)
-
-        topo = listener.topology
-        await listener.consume(topo.listener_queue("events", listener.client_id, topo.events_exchange), on_event)
+        listener, beats = await h.heartbeats()
         began = time.monotonic()
         await h.start_worker("late")  # nothing is announced in this test
         assert time.monotonic() - began < 5.0, "the consumer waited for the list"
@@ -609,7 +598,7 @@ async def test_first_heartbeat_names_every_adapter_that_exists(engine, bus_setti
         else:
             assert beats[0].adapters == {}
             ann = VersionAnnouncement("innkeeper", 3, MODEL_ID, h.add_version("innkeeper", 3, adapter_dirs["a1"]))
-            await listener.publish(topo.versions_exchange, "", ann, persistent=False, mandatory=False)
+            await listener.publish(listener.topology.versions_exchange, "", ann, persistent=False, mandatory=False)
             await wait_for(lambda: beats[-1].adapters == {"innkeeper": 3}, 10, "a heartbeat naming the announced one")
 
 
